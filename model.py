@@ -1,0 +1,454 @@
+"""The LLaSO model in one file: frozen Whisper encoder -> MLP projector -> Llama, plus the prompt format.
+
+    wav -> log-mel chunks [n, 128, 3000] -> Whisper encoder [n, 1500, 1280] -> projector [n, 1500, 3072]
+        -> the chunks replace each <audio> placeholder in the Llama-3 chat prompt -> Llama-3.2-3B-Instruct
+
+Reading order: prompt format -> tokens/labels -> encoder -> projector -> LLM + tokenizer -> splice -> loss
+-> greedy generation -> checkpoints -> presets (the paper's models and an offline tiny one).
+
+    python model.py --preset tiny           # write the tiny preset and print its sizes
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperConfig, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt format (template llama32_audio_v1_mmtag of the reference, byte-exact)
+
+# The missing space in "language.The" is in the reference and in the released model's training data.
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant is able to "
+    "understand the audio content that the user provides, and assist the user with a variety of tasks using "
+    "natural language.The audio content will be provided with the following format: <Audio>audio content</Audio>."
+)
+AUDIO = "<audio>"  # placeholder in a human turn; never a vocabulary token
+AUDIO_ID = -300  # its sentinel id in token-id lists, replaced by 1500 audio embeddings per 30 s chunk
+IGNORE = -100  # label of every position that is not supervised
+NEW_TOKENS = ["<unk>", "<Audio>", "</Audio>", "<audio_start>", "<audio_end>"]  # added in this order
+EOS_TOKENS = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]  # generation stops on any of them
+AUDIO_TOKENS_PER_CHUNK = 1500  # Whisper's conv2 has stride 2: 3000 mel frames -> 1500 positions
+
+
+def wrap_audio(human: str) -> str:
+    """Wrap every <audio> in the mmtag markers; the newlines depend on whether text comes before the audio."""
+    human = human.strip()
+    if AUDIO not in human:
+        return human
+    if human.split(AUDIO, 1)[0].strip():  # instruction first: (t,a) and (a)
+        wrapped = f"\n<Audio><audio_start>{AUDIO}<audio_end></Audio>\n\n"
+    else:  # audio first: (a,t)
+        wrapped = f"<Audio><audio_start>{AUDIO}<audio_end></Audio>\n"
+    return human.replace(AUDIO, wrapped)
+
+
+def prompt_text(human: str, answer: str | None = None) -> str:
+    """The exact training string; with answer=None it stops after the assistant header (generation prompt)."""
+    text = (
+        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{SYSTEM_PROMPT}<|eot_id|>"
+        f"<|start_header_id|>user<|end_header_id|>\n\n{wrap_audio(human)}<|eot_id|>"
+        f"<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    return text if answer is None else text + answer.strip() + "<|eot_id|>"
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt string, one AUDIO_ID per <audio> (the pieces around it are tokenised apart)."""
+    pieces = [tokenizer.encode(piece, add_special_tokens=False) for piece in text.split(AUDIO)]
+    ids = pieces[0]
+    for piece in pieces[1:]:
+        ids = ids + [AUDIO_ID] + piece
+    return ids
+
+
+def tokenize(tokenizer, human: str, answer: str | None = None, max_len: int = 2048):
+    """(input_ids, labels) of one record. Only the answer and its <|eot_id|> are supervised.
+
+    max_len caps text ids (a placeholder counts as one) before audio is spliced in, as the reference does.
+    """
+    prompt = encode(tokenizer, prompt_text(human))
+    if answer is None:
+        ids, labels = prompt, [IGNORE] * len(prompt)
+    else:
+        ids = encode(tokenizer, prompt_text(human, answer))
+        if ids[: len(prompt)] != prompt:  # holds for Llama-3: the header ends in "\n\n", a pre-token boundary
+            raise ValueError("prompt tokens are not a prefix of the full tokenisation")
+        labels = [IGNORE] * len(prompt) + ids[len(prompt) :]
+    if ids[:max_len].count(AUDIO_ID) != ids.count(AUDIO_ID):
+        raise ValueError(f"text longer than {max_len} tokens cuts off an <audio> placeholder")
+    return ids[:max_len], labels[:max_len]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading weights from a transformers checkpoint (a hub id or a local directory)
+
+
+def resolve(name_or_dir: str) -> Path:
+    """A local directory as is; a hub id through the hub cache (config, preprocessor, safetensors only)."""
+    if Path(name_or_dir).is_dir():
+        return Path(name_or_dir)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors"]
+    return Path(snapshot_download(name_or_dir, allow_patterns=patterns))
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    return files
+
+
+def load_prefixed(module: nn.Module, folder: Path, prefix: str, dtype=None):
+    """Load the tensors named `prefix + key` into `module`, strictly, one shard at a time."""
+    state = {}
+    for file in safetensors_files(folder):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    state[key[len(prefix) :]] = f.get_tensor(key).to(dtype) if dtype else f.get_tensor(key)
+    expected = set(module.state_dict())
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise ValueError(f"{folder}: weights under '{prefix}' do not fit: missing {missing[:10]}, extra {extra[:10]}")
+    module.load_state_dict(state, assign=True)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder: Whisper's encoder only, frozen, no autograd
+
+
+def load_encoder(name_or_dir: str, dtype=torch.float32) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
+    """The encoder half of a Whisper checkpoint (the decoder is never loaded) and its feature extractor."""
+    folder = resolve(name_or_dir)
+    config = WhisperConfig.from_pretrained(folder)
+    with torch.device("meta"):  # weights come from the checkpoint; skip the random init
+        encoder = WhisperEncoder(config)
+    load_prefixed(encoder, folder, "model.encoder.", dtype)
+    encoder.requires_grad_(False).eval()
+    if (folder / "preprocessor_config.json").exists():
+        features = WhisperFeatureExtractor.from_pretrained(folder)
+    else:
+        features = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+    return encoder, features
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Projector: mlp2x_gelu, frame-wise, PyTorch default init (it is created after the LLM, so no HF init)
+
+
+def make_projector(d_encoder: int, d_llm: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_encoder, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLM and tokenizer, with the five special tokens of LLaSO
+
+
+def add_audio_tokens(llm, tokenizer):
+    """Add NEW_TOKENS (pad = <unk>) and give each new embedding row the mean of the original rows."""
+    if all(t in tokenizer.get_vocab() for t in NEW_TOKENS):  # a saved stage-2 model already has them
+        return
+    from tokenizers import AddedToken
+
+    old = llm.get_input_embeddings().weight.shape[0]
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in NEW_TOKENS], special_tokens=True)
+    tokenizer.pad_token = tokenizer.unk_token = "<unk>"
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in {llm.get_input_embeddings(), llm.get_output_embeddings()}:  # one matrix when tied
+            emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+
+
+def load_llm(name_or_dir: str, dtype=torch.float32):
+    tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    llm = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, attn_implementation="sdpa")
+    add_audio_tokens(llm, tokenizer)
+    return llm, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "openai/whisper-large-v3"  # hub id or directory of a Whisper checkpoint
+    llm: str = "meta-llama/Llama-3.2-3B-Instruct"  # hub id or directory of a causal LM (+ tokenizer)
+    max_text_len: int = 2048  # text ids per record before splicing (reference: model_max_length)
+
+
+class LLaSO(nn.Module):
+    def __init__(self, config: ModelConfig, encoder, features, projector, llm, tokenizer):
+        super().__init__()
+        self.config, self.features, self.tokenizer = config, features, tokenizer
+        self.encoder, self.projector, self.llm = encoder, projector, llm
+        self.eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in EOS_TOKENS if t in tokenizer.get_vocab()]
+
+    @classmethod
+    def from_parts(cls, config: ModelConfig, projector: str | None = None, encoder_dtype=torch.float32,
+                   llm_dtype=torch.float32):
+        """Build from config.encoder, config.llm and an optional projector file (a fresh projector is drawn
+        from the current torch seed)."""
+        encoder, features = load_encoder(config.encoder, encoder_dtype)
+        llm, tokenizer = load_llm(config.llm, llm_dtype)
+        proj = make_projector(encoder.config.d_model, llm.config.hidden_size)
+        if projector:
+            proj.load_state_dict(load_file(projector))
+        return cls(config, encoder, features, proj, llm, tokenizer)
+
+    # ---- audio
+    def encode_audio(self, mels: torch.Tensor) -> torch.Tensor:
+        """[n_chunks, n_mels, 3000] -> [n_chunks, 1500, d_llm]; all chunks of a batch in one encoder call."""
+        if len(mels) == 0:  # a batch of text-only prompts
+            return self.projector[0].weight.new_zeros(0, AUDIO_TOKENS_PER_CHUNK, self.llm.config.hidden_size)
+        with torch.no_grad():
+            dtype = next(self.encoder.parameters()).dtype
+            hidden = self.encoder(mels.to(dtype)).last_hidden_state  # after the final LayerNorm, no pooling
+        return self.projector(hidden.to(self.projector[0].weight.dtype))
+
+    # ---- splice
+    def splice(self, batch, audio: torch.Tensor, left_pad: bool = False):
+        """Replace every AUDIO_ID by its file's projected chunks and pad the batch.
+
+        Returns inputs_embeds [B, T, d], attention_mask [B, T], labels [B, T], position_ids [B, T]; audio
+        positions get label IGNORE, padding gets zero embeddings, attention 0 and label IGNORE.
+        """
+        embed = self.llm.get_input_embeddings()
+        device = embed.weight.device
+        slots = list(audio.flatten(0, 1).split([n * AUDIO_TOKENS_PER_CHUNK for n in batch["audio_chunks"].tolist()]))
+        rows, row_labels = [], []
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            ids, labels = ids.to(device), labels.to(device)
+            text = embed(ids.clamp(min=0))  # sentinel rows are computed, then dropped
+            pieces, piece_labels, start = [], [], 0
+            for pos in (ids == AUDIO_ID).nonzero().flatten().tolist():
+                slot = slots.pop(0)
+                pieces += [text[start:pos], slot.to(text.dtype)]
+                piece_labels += [labels[start:pos], labels.new_full((len(slot),), IGNORE)]
+                start = pos + 1
+            rows.append(torch.cat(pieces + [text[start:]]))
+            row_labels.append(torch.cat(piece_labels + [labels[start:]]))
+        if slots:
+            raise ValueError(f"{len(slots)} audio files left over: fewer <audio> placeholders than audio files")
+        side = "left" if left_pad else "right"
+        embeds = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_side=side)
+        labels = nn.utils.rnn.pad_sequence(row_labels, batch_first=True, padding_value=IGNORE, padding_side=side)
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        arange = torch.arange(embeds.shape[1], device=device)
+        if left_pad:
+            start = embeds.shape[1] - lengths[:, None]
+            attention, positions = arange >= start, (arange - start).clamp(min=0)
+        else:
+            attention, positions = arange < lengths[:, None], arange.expand(len(rows), -1)
+        return embeds, attention.long(), labels, positions
+
+    # ---- training loss
+    def forward(self, batch) -> torch.Tensor:
+        """Mean next-token cross-entropy over the supervised tokens of the batch (fp32 logits)."""
+        audio = self.encode_audio(batch["mels"].to(self.projector[0].weight.device))
+        embeds, attention, labels, positions = self.splice(batch, audio)
+        targets = labels[:, 1:]
+        # LM-head logits only where some row is supervised: same loss, no [B, T, 128k] logits tensor.
+        keep = (targets != IGNORE).any(0).nonzero().flatten()
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, logits_to_keep=keep)
+        logits = out.logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE)
+
+    # ---- generation
+    @torch.no_grad()
+    def generate_ids(self, batch, max_new_tokens: int = 256) -> list[list[int]]:
+        """Batched greedy decoding with a KV cache; each row stops at its own end-of-turn token.
+
+        Left padding with position ids that skip the pads makes a record's tokens independent of its batch.
+        """
+        audio = self.encode_audio(batch["mels"].to(self.projector[0].weight.device))
+        embeds, attention, _, positions = self.splice(batch, audio, left_pad=True)
+        eos = torch.tensor(self.eos_ids, device=embeds.device)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
+                       logits_to_keep=1)
+        tokens, done = [], torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
+        for _ in range(max_new_tokens):
+            next_token = out.logits[:, -1].argmax(-1)
+            tokens.append(next_token)
+            done |= torch.isin(next_token, eos)
+            if done.all():
+                break
+            attention = torch.cat([attention, attention.new_ones(len(embeds), 1)], 1)
+            positions = positions[:, -1:] + 1
+            out = self.llm(input_ids=next_token[:, None], attention_mask=attention, position_ids=positions,
+                           past_key_values=out.past_key_values, use_cache=True)
+        result = []
+        for row in torch.stack(tokens, 1).tolist():
+            stop = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
+            result.append(row[:stop])
+        return result
+
+    def generate(self, batch, max_new_tokens: int = 256) -> list[str]:
+        """Answers as text: new tokens only, special tokens skipped, stripped (as the reference does)."""
+        ids = self.generate_ids(batch, max_new_tokens)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+    # ---- checkpoints
+    def save(self, out_dir: str | Path, with_llm: bool):
+        """Stage-1 artifact: projector + config. Stage-2 artifact (with_llm): also the LLM and tokenizer."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().float().contiguous() for k, v in self.projector.state_dict().items()},
+                  out / "projector.safetensors")
+        config = asdict(self.config)
+        if with_llm:
+            self.llm.save_pretrained(out / "llm")
+            self.tokenizer.save_pretrained(out / "llm")
+            config["llm"] = "llm"  # relative to the artifact directory
+        config["stage"] = 2 if with_llm else 1
+        (out / "llaso_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, encoder: str | None = None, llm: str | None = None,
+             encoder_dtype=torch.float32, llm_dtype=torch.float32):
+        """Load a stage-1 or stage-2 artifact; `encoder`/`llm` override the ids stored in its config."""
+        ckpt = Path(ckpt_dir)
+        saved = json.loads((ckpt / "llaso_config.json").read_text())
+        stage = saved.pop("stage")
+        config = ModelConfig(**saved)
+        config.encoder = encoder or config.encoder
+        config.llm = llm or (str(ckpt / "llm") if stage == 2 else config.llm)
+        return cls.from_parts(config, str(ckpt / "projector.safetensors"), encoder_dtype, llm_dtype)
+
+
+def projector_param_count(d_encoder: int = 1280, d_llm: int = 3072) -> int:
+    """Parameters of the projector, counted on the meta device (nothing allocated or downloaded)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in make_projector(d_encoder, d_llm).parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets: the paper's models, or a tiny random pair written to disk and loaded through the same code
+
+PRESETS = {"llaso": ModelConfig()}
+TINY_VERSION = 1  # bump when build_tiny changes, so stale caches are rebuilt
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLASO_CACHE", Path.home() / ".cache" / "llaso-mini"))
+
+
+def preset(name: str) -> ModelConfig:
+    if name == "tiny":
+        folder = build_tiny(cache_root() / f"tiny-v{TINY_VERSION}")
+        return ModelConfig(encoder=str(folder / "encoder"), llm=str(folder / "llm"))
+    return ModelConfig(**asdict(PRESETS[name]))
+
+
+# A few hundred words of the prompt format and typical instructions train the tiny tokenizer's merges.
+TINY_TEXT = [
+    SYSTEM_PROMPT,
+    "Please transcribe the audio. Transcribe the speech into text. What is the gender of the speaker?",
+    "Male. Female. Listen to this audio carefully and share your answer. Which accent does the speaker have?",
+    "American, British, Scottish, Caribbean. Turn off the kitchen lights. Set an alarm for seven in the morning.",
+    "What is the capital of France? Paris. The quick brown fox jumps over the lazy dog. Answer the question.",
+]
+LLAMA3_SPLIT = (  # Llama-3's pre-tokenizer pattern, so prompts split into pieces the way the real one does
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer with the Llama-3 chat special tokens, built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=LLAMA3_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TINY_TEXT, trainer)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+        ("<|begin_of_text|>", bos)])  # as Llama-3: BOS comes from the tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+def build_tiny(folder: Path, seed: int = 0) -> Path:
+    """Write a tiny random Whisper checkpoint and a tiny Llama (+ tokenizer) once; reuse them afterwards.
+
+    The encoder keeps large-v3's interface (128 mels, 3000 frames in, 1500 positions out). With transformers'
+    std-0.02 init a tiny random encoder's output barely depends on its input (the fixed sinusoidal positions
+    dominate), so nothing downstream could learn from audio: it gets PyTorch's default init, convs x10.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, WhisperForConditionalGeneration
+
+    folder = Path(folder)
+    if (folder / "done").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tiny-"))
+    torch.manual_seed(seed)
+    whisper_config = WhisperConfig(
+        num_mel_bins=128, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=256,
+        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256, vocab_size=128, max_source_positions=1500,
+        max_target_positions=64, decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    whisper = WhisperForConditionalGeneration(whisper_config)
+    encoder = whisper.model.encoder
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                module.reset_parameters()
+        encoder.conv1.weight.mul_(10)
+        encoder.conv2.weight.mul_(10)
+    whisper.save_pretrained(tmp / "encoder")
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(tmp / "encoder")
+
+    tokenizer = build_tiny_tokenizer()
+    llama_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=500000.0,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(llama_config).save_pretrained(tmp / "llm")
+    tokenizer.save_pretrained(tmp / "llm")
+    (tmp / "done").write_text(f"seed {seed}\n")
+    try:
+        tmp.rename(folder)  # atomic: a concurrent builder either wins or finds the finished folder
+    except OSError:
+        shutil.rmtree(tmp)
+    return folder
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "llaso"])
+    args = parser.parse_args()
+    config = preset(args.preset)
+    print(config)
+    model = LLaSO.from_parts(config)
+    for name in ["encoder", "projector", "llm"]:
+        print(f"{name}: {sum(p.numel() for p in getattr(model, name).parameters()):,} parameters")

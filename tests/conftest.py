@@ -1,0 +1,37 @@
+"""Shared fixtures: the tiny preset, written once per test session into a temporary folder."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import model as M  # noqa: E402
+
+SAMPLE = ROOT / "sample"
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Tiny random Whisper + Llama checkpoints and the offline tokenizer (same loading code as the real ones)."""
+    return M.build_tiny(tmp_path_factory.mktemp("preset") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_dir) -> M.ModelConfig:
+    return M.ModelConfig(encoder=str(tiny_dir / "encoder"), llm=str(tiny_dir / "llm"))
+
+
+@pytest.fixture
+def make_tiny(tiny_config):
+    """A fresh tiny model (projector drawn from `seed`); tests may train or modify it freely."""
+
+    def make(seed: int = 0) -> M.LLaSO:
+        torch.manual_seed(seed)
+        return M.LLaSO.from_parts(tiny_config)
+
+    return make
