@@ -1,0 +1,652 @@
+"""LLaSO-Eval scoring (and, later, generation) for llaso-mini.
+
+Score a directory of prediction files (one JSON list per test file, `<stem>_test.json`, records with
+`conversations` = [human, gpt = gold] and the prediction in `answer`, `prediction` or `result`):
+
+    python evaluate.py --score results/llaso-mini                      # correct metrics (default)
+    python evaluate.py --score results/qwen2-audio --compat llaso      # the reference scripts' numbers, quirks included
+    python evaluate.py --score results/qwen2-audio --compat standard   # default, but WER/CER/PER un-normalised
+    python evaluate.py --score results/A results/B results/C           # + normalised score across the three
+    python evaluate.py --score results/A --judge-url https://api.openai.com/v1/chat/completions   # fill gpt_result/
+
+Each directory gets `scores.json` (per file, per task/category/modality, summary; rates as fractions, abstention in
+percent) and `scores.md`. Metrics (SPEC §8.3): WER/CER corpus level; PER; closed-set accuracy and abstention rate;
+MAE with coverage; pronunciation regex agreement; LLM-judge means read from `gpt_result/<stem>.jsonl`.
+
+Default-mode text normalisation (WER/CER): lowercase, ’ -> ', every Unicode punctuation character except the
+apostrophe becomes a space, whitespace collapsed. An empty hypothesis counts as all deletions; an empty reference adds
+its insertions to the numerator and nothing to the denominator (a corpus with no reference words has rate null).
+
+Normalised score (>1 directory, or --normalized): for every test file scored in all directories, min-max normalise
+its primary metric (WER, PER, accuracy, MAE, judge mean) across the directories, invert lower-is-better metrics,
+skip files where all models tie, and average per model. This is llaso-mini's own recipe: the paper's formula is not
+public and its pool of models differs, so the number is NOT comparable with the paper's 0.72.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import unicodedata
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jiwer
+
+AUDIO = "<audio>"  # same placeholder as model.AUDIO; not imported, so scoring needs neither torch nor transformers
+
+# ---------------------------------------------------------------------------------------------------------------------
+# task catalogue (SPEC §6): file stem without "_test" -> (task, category, kind)
+
+LING, SEM, SPK, MUS = "linguistic", "semantic", "paralinguistic (speaker)", "paralinguistic (music)"
+QA_SOURCES = ("alpacaDan", "dolly", "orca", "tigerbot_alpaca", "tigerbot_multichat", "unnatural")
+CATALOGUE = {
+    "ASR": ("ASR", LING, "asr"),
+    "phoneme_recognition": ("phoneme recognition", LING, "per"),
+    "pronunciation_scoring_sentence_level": ("pronunciation scoring", LING, "pron"),
+    "pronunciation_scoring_word_level": ("pronunciation scoring", LING, "pron"),
+    **{f"{s}_{c}": ("open-ended QA", SEM, "judge") for s in QA_SOURCES for c in ("input_1", "instruction_0")},
+    **{s: ("open-ended QA", SEM, "judge") for s in ("1M_GPT4_end", "3.5M_GPT3.5_end", "alpaca_gpt4_end",
+                                                     "code_alpaca_end")},
+    "slurp_Intent_Prediction": ("intent prediction", SEM, "judge+acc"),
+    "slurp_Entity_Extraction": ("entity extraction", SEM, "judge"),
+    "speechcommand_recognition": ("speech command", SEM, "judge+acc"),
+    **{f"{c}_gender_classification": ("gender", SPK, "acc")
+       for c in ("common-voice", "vctk", "voxceleb", "vocalsound")},
+    "common-voice_age_classification": ("age classification", SPK, "acc"),
+    "vctk_age_classification": ("age classification", SPK, "acc"),
+    "vocalsound_age_prediction": ("age prediction", SPK, "age"),
+    **{f"{c}_classification": ("accent", SPK, "acc") for c in ("accentdb_AI", "common-voice_accent", "vctk_accent")},
+    "CREMAD_ER_classification": ("emotion recognition", SPK, "acc"),
+    "meld_ER_classification": ("emotion recognition", SPK, "acc"),
+    "CREMAD_EIE_classification": ("emotion intensity", SPK, "acc"),
+    "meld_EIE_classification": ("emotion intensity", SPK, "acc"),
+    "meld_SV_classification": ("speaker verification", SPK, "acc"),
+    "Synthetic_Audio_Classification": ("synthetic speech detection", SPK, "acc"),
+    "vocalsound_vocal_classification": ("vocal sound", SPK, "acc"),
+    "NSynth_instrument_classification": ("instrument", MUS, "acc"),
+    "NSynth_music_source_classification": ("instrument source", MUS, "acc"),
+    "NSynth_pitch_recognition": ("pitch", MUS, "pitch"),
+    "velocity_classification": ("velocity", MUS, "acc"),
+}
+PRIMARY = {"asr": ("wer", "cer"), "per": ("per",), "pron": ("judge_mean",), "judge": ("judge_mean",),
+           "judge+acc": ("judge_mean",), "acc": ("accuracy", "abstention_pct"), "age": ("mae",), "pitch": ("mae",)}
+JUDGED = {"pron", "judge", "judge+acc"}
+LOWER_IS_BETTER = {"wer", "cer", "per", "mae"}
+
+
+def infer_task(stem, golds):
+    """Guess (task, category, kind) of a stem outside the catalogue from its name, then from its golds."""
+    s = stem.lower()
+    if s.startswith("asr"):
+        kind = "asr"
+    else:
+        by_name = [("phoneme", "per"), ("pronunciation", "pron"), ("age_prediction", "age"), ("pitch", "pitch"),
+                   ("classification", "acc")]
+        kind = next((k for word, k in by_name if word in s), None)
+    if kind is None and s.endswith(("_end", "_input_1", "_instruction_0")):
+        kind = "judge"
+    if kind is None:  # a small set of short golds looks like a closed label set, anything else goes to the judge
+        labels = {label_norm(g) for g in golds}
+        kind = "acc" if len(labels) <= min(50, len(golds) / 2) and all(len(l.split()) <= 3 for l in labels) else "judge"
+    return "unknown", "unknown", kind
+
+
+def task_of(stem, rows):
+    base = stem.removesuffix("_test")
+    return CATALOGUE.get(base) or infer_task(base, [gold for _, gold, _ in rows])
+
+
+def modality(stem, humans):
+    """(t,a), (a,t) or (a): from the QA file suffix (SPEC §5.4), else from where <audio> sits in the human turns."""
+    for suffix, config in (("_end", "(a)"), ("_instruction_0", "(a,t)"), ("_input_1", "(t,a)")):
+        if stem.endswith(suffix):
+            return config
+    if humans and all(h.strip() == AUDIO for h in humans):
+        return "(a)"
+    audio_first = sum(h.lstrip().startswith(AUDIO) for h in humans)
+    return "(a,t)" if audio_first > len(humans) / 2 else "(t,a)"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prediction files
+
+PREDICTION_KEYS = ("answer", "prediction", "result")  # LLaSO / SALMONN, LLaMA-Omni / GLM-4-Voice, Mini-Omni, Typhoon
+
+
+def load_results(path):
+    """-> list of (human, gold, prediction) strings; raises ValueError naming the file and record."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path.name}: not a readable JSON file ({error})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path.name}: expected a JSON list of records, got {type(records).__name__}")
+    rows = []
+    for i, record in enumerate(records):
+        try:
+            human, gold = record["conversations"][0]["value"], record["conversations"][1]["value"]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"{path.name} record {i}: expected 'conversations' = [human turn, gpt turn]") from None
+        key = next((k for k in PREDICTION_KEYS if k in record), None)
+        if key is None:
+            raise ValueError(f"{path.name} record {i}: no prediction field (one of {', '.join(PREDICTION_KEYS)})")
+        prediction = "" if record[key] is None else str(record[key])
+        rows.append((str(human), str(gold), prediction))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# WER / CER (ASR)
+
+RAW_WORDS = jiwer.Compose([jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfWords()])
+RAW_CHARS = jiwer.Compose([jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfChars()])
+
+
+def normalize_text(text):
+    """Default English normalisation: lowercase, drop punctuation except apostrophes, collapse whitespace."""
+    text = text.lower().replace("\u2019", "'")
+    text = "".join(" " if unicodedata.category(c).startswith("P") and c != "'" else c for c in text)
+    return " ".join(text.split())
+
+
+def error_rate(out):
+    """Corpus Σ(S+D+I) / Σ reference tokens; None if no reference has a token (jiwer would return a raw count)."""
+    reference_tokens = out.hits + out.substitutions + out.deletions
+    errors = out.substitutions + out.deletions + out.insertions
+    return errors / reference_tokens if reference_tokens else None
+
+
+def wer_cer(golds, preds, compat):
+    if compat == "llaso":  # reference quirk kept on purpose: gold passed as hypothesis, answer as reference
+        refs, hyps, words, chars = preds, golds, RAW_WORDS, RAW_CHARS
+    elif compat == "standard":
+        refs, hyps, words, chars = golds, preds, RAW_WORDS, RAW_CHARS
+    else:
+        refs, hyps = [normalize_text(g) for g in golds], [normalize_text(p) for p in preds]
+        words, chars = RAW_WORDS, RAW_CHARS  # on normalised text these only tokenise
+    # jiwer 4 accepts empty strings: an empty hypothesis aligns as all deletions, an empty reference as insertions
+    w = jiwer.process_words(refs, hyps, reference_transform=words, hypothesis_transform=words)
+    c = jiwer.process_characters(refs, hyps, reference_transform=chars, hypothesis_transform=chars)
+    result = {"wer": error_rate(w), "cer": error_rate(c), "empty_predictions": sum(not p.strip() for p in preds),
+              "empty_golds": sum(not g.strip() for g in golds)}
+    if compat == "llaso" and result["empty_predictions"]:
+        result["note"] = "the reference scripts raise on an empty answer; here it counts as an empty reference"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PER (phoneme recognition; golds are IPA)
+
+# Reference: letters go through a TIMIT 61->39 index table that, for ASCII letters, merges {A,D} {C,F,G} {H,W} {K,N,V}
+TIMIT_LETTER = {"D": "A", "F": "C", "G": "C", "W": "H", "N": "K", "V": "K"}
+STRESS_MARKS = {"\u02c8", "\u02cc"}  # ˈ ˌ
+TIE_BARS = {"\u0361", "\u035c"}
+
+
+def timit_letters(text):
+    return [TIMIT_LETTER.get(c, c) for c in text.upper() if "A" <= c <= "Z"]
+
+
+def ipa_phones(text):
+    """NFC, no whitespace or stress; a phone = base character + following length marks / diacritics / tied char."""
+    phones = []
+    for c in unicodedata.normalize("NFC", text):
+        if c.isspace() or c in STRESS_MARKS:
+            continue
+        attaches = unicodedata.category(c) in ("Mn", "Lm") or (phones and phones[-1][-1] in TIE_BARS)
+        if attaches and phones:
+            phones[-1] += c
+        else:
+            phones.append(c)
+    return phones
+
+
+def edit_distance(a, b):
+    out = jiwer.process_words(" ".join(a), " ".join(b))  # symbols never contain spaces
+    return out.substitutions + out.deletions + out.insertions
+
+
+def phone_error_rate(golds, preds, compat):
+    if compat in ("llaso", "standard"):  # per-utterance rate, mean over utterances
+        rates = []
+        for gold, pred in zip(golds, preds):
+            g, p = timit_letters(gold), timit_letters(pred)
+            denominator = p if compat == "llaso" else g  # llaso: divides by the answer side (role swap as in WER)
+            rates.append(edit_distance(g, p) / len(denominator) if denominator else float(bool(g or p)))
+        return {"per": statistics.fmean(rates) if rates else None}
+    refs = [" ".join(ipa_phones(g)) for g in golds]
+    hyps = [" ".join(ipa_phones(p)) for p in preds]
+    out = jiwer.process_words(refs, hyps, reference_transform=RAW_WORDS, hypothesis_transform=RAW_WORDS)
+    return {"per": error_rate(out), "empty_predictions": sum(not h for h in hyps)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# closed-set accuracy and abstention
+
+
+def label_norm(text):
+    return text.strip().lower().rstrip(". ").strip()
+
+
+def labels_named(prediction, labels):
+    """Labels named in the prediction at word boundaries, so that "male" is not found inside "female"."""
+    text = prediction.strip().lower()
+    return {l for l in labels if re.search(rf"(?<![a-z0-9]){re.escape(l)}(?![a-z0-9])", text)}
+
+
+def accuracy(golds, preds, compat):
+    if compat == "llaso":  # reference rule: exact, or gold is the only label that is a substring ("male" ⊂ "female")
+        labels = {g.replace(".", "").lower() for g in golds}
+        correct = 0
+        for gold, pred in zip(golds, preds):
+            t, p = gold.replace(".", "").lower(), pred.replace(".", "").lower()
+            correct += t == p or (t in p and not any(l != t and l in p for l in labels))
+        return {"accuracy": correct / len(golds)}
+    labels = {label_norm(g) for g in golds} - {""}
+    correct = sum(labels_named(p, labels) == {label_norm(g)} for g, p in zip(golds, preds))
+    return {"accuracy": correct / len(golds)}
+
+
+def abstention(golds, preds, compat):
+    """Percent of answers that do not name exactly one label of the file (format compliance, not correctness)."""
+    labels = {label_norm(g) for g in golds} - {""}
+    follows = sum(len(labels_named(p, labels)) == 1 for p in preds)
+    rate = (len(preds) - follows) / len(preds) * 100
+    return {"abstention_pct": round(rate, 4) if compat == "llaso" else rate}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MAE (age prediction, pitch)
+
+
+def first_or_range(numbers, text):
+    """Reference rule: "20-30" -> mean of the first two numbers, otherwise the first number."""
+    return statistics.fmean(numbers[:2]) if "-" in text and len(numbers) >= 2 else numbers[0]
+
+
+def parse_age(text):
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    numbers = [int(n) for n in re.findall(r"\d+", text)]
+    if numbers:
+        return int(round(first_or_range(numbers, text)))  # Python round: half to even, as in the reference
+    return 22 if "adult" in text.lower() else None  # reference heuristic, kept in both modes (SPEC: same parsing)
+
+
+def parse_pitch(text):
+    text = text.strip()
+    for convert in (int, lambda s: round(float(s))):
+        try:
+            return convert(text)
+        except (ValueError, OverflowError):
+            pass
+    numbers = [float(n) for n in re.findall(r"\d+\.?\d*", text)]
+    return first_or_range(numbers, text) if numbers else None
+
+
+def mae(golds, preds, compat, kind):
+    parse = parse_age if kind == "age" else parse_pitch
+    errors, unparsed_pred, unparsed_gold, out_of_range = [], 0, 0, 0
+    for gold, pred in zip(golds, preds):
+        g, p = parse(gold), parse(pred)
+        unparsed_gold += g is None
+        unparsed_pred += p is None
+        if g is None or p is None:
+            continue
+        if kind == "pitch" and not (0 <= g <= 127 and 0 <= p <= 127):
+            out_of_range += 1
+            continue
+        errors.append(abs(g - p))
+    value = statistics.fmean(errors) if errors else None
+    if compat == "llaso" and kind == "age" and value is not None:
+        value = round(value, 2)
+    # drops flatter a model that abstains, so coverage is always reported next to the MAE
+    return {"mae": value, "n_used": len(errors), "n_dropped": len(golds) - len(errors),
+            "coverage": len(errors) / len(golds), "unparseable_predictions": unparsed_pred,
+            "unparseable_golds": unparsed_gold, "out_of_range": out_of_range}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pronunciation scoring: regex agreement of the three sentence-level scores
+
+PRON_ASPECTS = {"accuracy": "accuracy", "proso": "prosodic", "fluency": "fluency"}
+PRON_NAMED_FIRST = re.compile(r"(accuracy|proso|fluency).*?(?:is|:|=|as).*?(\d+)")
+PRON_NUMBER_FIRST = re.compile(r"(\d+)\s*?(?:for)\s*?(accuracy|proso|fluency)")
+
+
+def parse_pron(text):
+    text = text.lower()
+    scores = {PRON_ASPECTS[m[1]]: int(m[2]) for m in PRON_NAMED_FIRST.finditer(text)}  # later matches overwrite
+    if len(scores) != 3:
+        scores = {PRON_ASPECTS[m[2]]: int(m[1]) for m in PRON_NUMBER_FIRST.finditer(text)}
+    return scores if len(scores) == 3 else None
+
+
+def pron_agreement(golds, preds):
+    """Exact agreement per aspect over the items where gold and answer both parse (reference output names)."""
+    pairs = [(g, p) for g, p in ((parse_pron(g), parse_pron(p)) for g, p in zip(golds, preds)) if g and p]
+
+    def agreement(aspect):
+        return sum(g[aspect] == p[aspect] for g, p in pairs) / len(pairs) if pairs else 0.0
+
+    return {"pron_agreement": {"accuracy": agreement("accuracy"), "prosodic_accuracy": agreement("prosodic"),
+                               "fluency_accuracy": agreement("fluency"), "matched_entries": len(pairs),
+                               "total_entries": len(golds)}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LLM judge: verdicts in gpt_result/<stem>.jsonl, one line {file, index, predicted, reference, evaluation}
+
+JUDGE_SYSTEM = (
+    "You are evaluating the performance of an AI assistant in an audio question answering task.\n"
+    "Given a **Reference Answer** and a **Predicted Answer**, "
+    "assign a score from 1 to 5 based on Relevance & Accuracy.\n"
+    "Output format (exactly, no other text):\n"
+    "Score: <integer 1-5>\n"
+    "Explanation: <concise justification focusing on both relevance and accuracy>\n")
+JUDGE_USER = ("**Reference Answer:**\n{reference}\n\n**Predicted Answer:**\n{predicted}\n\n"
+              "Please produce the evaluation.")
+SCORE = re.compile(r"Score:\**\s*(\d+)", re.IGNORECASE)  # \s also spans a newline: "Score:\n4"
+
+
+def json_object(text):
+    try:
+        value = json.loads(text, strict=False)  # strict=False: a rejoined line holds a raw newline inside a string
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_verdicts(path):
+    """index -> verdict; a verdict line broken in two by a raw newline is joined back with the next line."""
+    verdicts, pending = {}, ""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+    for line in filter(str.strip, lines):
+        verdict = json_object(pending + line)
+        if verdict is None and pending and (verdict := json_object(line)) is not None:
+            print(f"warning: {path}: unparseable text ignored: {pending[:80]!r}", file=sys.stderr)
+        if verdict is None:
+            pending += line
+            continue
+        pending = ""
+        verdicts[verdict.get("index")] = verdict
+    if pending:
+        print(f"warning: {path}: unparseable text ignored: {pending[:80]!r}", file=sys.stderr)
+    return verdicts
+
+
+def verdict_score(verdict):
+    match = SCORE.search(str(verdict.get("evaluation", "")))
+    return int(match[1]) if match else None
+
+
+def judge_means(verdicts, preds, compat):
+    if compat == "llaso":  # reference: mean of every verdict on file
+        scores = [s for s in map(verdict_score, verdicts.values()) if s is not None]
+        return {"judge_mean": statistics.fmean(scores) if scores else None, "judge_n": len(scores)}
+    scores, stale, unparsed = [], 0, 0
+    for i, pred in enumerate(preds):
+        verdict = verdicts.get(i)
+        if verdict is None:
+            continue
+        if verdict.get("predicted", pred.strip()) != pred.strip():
+            stale += 1  # judged an older prediction: not this model's answer any more
+            continue
+        score = verdict_score(verdict)
+        if score is None or not 1 <= score <= 5:
+            unparsed += 1
+            continue
+        scores.append(score)
+    return {"judge_mean": statistics.fmean(scores) if scores else None, "judge_n": len(scores),
+            "judge_coverage": len(scores) / len(preds), "judge_unparsed": unparsed, "judge_stale": stale}
+
+
+def ask_judge(url, key, model, temperature, reference, predicted, timeout=120):
+    body = {"model": model, "temperature": temperature, "max_tokens": 4096,
+            "messages": [{"role": "system", "content": JUDGE_SYSTEM},
+                         {"role": "user", "content": JUDGE_USER.format(reference=reference, predicted=predicted)}]}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}", "api-key": key}  # OpenAI / Azure
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)["choices"][0]["message"]["content"]
+
+
+def judge_file(results_dir, stem, rows, url, key, model, temperature):
+    """Ask the judge about every record without a current verdict; appends to gpt_result/<stem>.jsonl (cache)."""
+    path = results_dir / "gpt_result" / f"{stem}.jsonl"
+    verdicts = read_verdicts(path)
+    todo = [i for i, (_, _, pred) in enumerate(rows)
+            if i not in verdicts or verdicts[i].get("predicted") != pred.strip()]
+    path.parent.mkdir(exist_ok=True)
+    failed = unparsed = 0
+    with path.open("a", encoding="utf-8") as f:
+        for i in todo:
+            reference, predicted = rows[i][1].strip(), rows[i][2].strip()
+            try:
+                evaluation = ask_judge(url, key, model, temperature, reference, predicted)
+            except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError) as error:
+                print(f"judge failed on {stem}.json record {i}: {error}", file=sys.stderr)
+                failed += 1  # not written, so the next run retries it
+                continue
+            verdict = {"file": f"{stem}.json", "index": i, "predicted": predicted, "reference": reference,
+                       "evaluation": evaluation}
+            unparsed += verdict_score(verdict) is None
+            f.write(json.dumps(verdict, ensure_ascii=False) + "\n")
+            f.flush()
+    print(f"judge {stem}: {len(todo) - failed} new verdicts, {failed} failed, {unparsed} without a score")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scoring a directory
+
+
+def score_file(results_dir, stem, rows, compat):
+    task, category, kind = task_of(stem, rows)
+    humans, golds, preds = map(list, zip(*rows)) if rows else ([], [], [])
+    entry = {"task": task, "category": category, "modality": modality(stem.removesuffix("_test"), humans), "kind": kind,
+             "primary": PRIMARY[kind][0], "n": len(rows)}
+    if not rows:
+        return entry
+    if kind == "asr":
+        entry.update(wer_cer(golds, preds, compat))
+    if kind == "per":
+        entry.update(phone_error_rate(golds, preds, compat))
+    if kind in ("acc", "judge+acc"):
+        entry.update(accuracy(golds, preds, compat))
+    if kind == "acc":
+        entry.update(abstention(golds, preds, compat))
+    if kind in ("age", "pitch"):
+        entry.update(mae(golds, preds, compat, kind))
+    if kind == "pron":
+        entry.update(pron_agreement(golds, preds))
+    if kind in JUDGED:
+        entry.update(judge_means(read_verdicts(results_dir / "gpt_result" / f"{stem}.jsonl"), preds, compat))
+    return entry
+
+
+def mean_of(entries, key):
+    values = [e[key] for e in entries if e.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def group_table(files, field, keys):
+    """Unweighted mean over files of each file's primary metrics, grouped by task / category / modality."""
+    groups = {}
+    for entry in files.values():
+        groups.setdefault(entry[field], []).append(entry)
+    table = {}
+    for name, entries in sorted(groups.items()):
+        row = {"files": len(entries), "n": sum(e["n"] for e in entries)}
+        for key in keys:
+            value = mean_of([e for e in entries if key in PRIMARY[e["kind"]]], key)
+            if value is not None:
+                row[key] = value
+        table[name] = row
+    return table
+
+
+def summarize(files):
+    """Means over the files whose primary metric it is (closed-set accuracy: the 19 ACC files, not intent)."""
+    def of(*kinds):
+        return [e for e in files.values() if e["kind"] in kinds]
+
+    summary = {"n_files": len(files), "n_items": sum(e["n"] for e in files.values()),
+               "wer": mean_of(of("asr"), "wer"), "cer": mean_of(of("asr"), "cer"), "per": mean_of(of("per"), "per"),
+               "accuracy": mean_of(of("acc"), "accuracy"), "abstention_pct": mean_of(of("acc"), "abstention_pct"),
+               "judge_mean": mean_of(of(*JUDGED), "judge_mean"),
+               "open_ended_judge_mean": mean_of([e for e in of("judge") if e["task"] == "open-ended QA"], "judge_mean"),
+               # one MAE per file: years and semitones do not average
+               "mae": {stem: e["mae"] for stem, e in files.items() if e["kind"] in ("age", "pitch")}}
+    return {key: value for key, value in summary.items() if value not in (None, {})}
+
+
+def score_directory(results_dir, compat=None, judge=None):
+    """Score every *.json in results_dir -> scores dict (also the content of scores.json)."""
+    results_dir = Path(results_dir)
+    files, notes, skipped = {}, [], []
+    for path in sorted(results_dir.glob("*.json")):
+        if path.name == "scores.json":
+            continue
+        stem = path.stem
+        try:
+            rows = load_results(path)
+        except ValueError as error:  # one broken file must not hide the others' scores
+            skipped.append(str(error))
+            notes.append(f"skipped {error}")
+            print(f"error: {results_dir}/{error}", file=sys.stderr)
+            continue
+        if judge and task_of(stem, rows)[2] in JUDGED:
+            judge_file(results_dir, stem, rows, **judge)
+        files[stem] = score_file(results_dir, stem, rows, compat)
+        if files[stem]["kind"] in JUDGED and not files[stem].get("judge_n"):
+            notes.append(f"`{stem}`: no judge verdicts in gpt_result/{stem}.jsonl (run with --judge-url)")
+        if files[stem]["task"] == "unknown":
+            notes.append(f"`{stem}` is not a LLaSO-Eval file: scored as `{files[stem]['kind']}` (inferred from its "
+                         "name and golds)")
+    keys = ("wer", "cer", "per", "accuracy", "abstention_pct", "judge_mean")
+    return {"mode": compat or "default", "files": files, "summary": summarize(files),
+            "tasks": group_table(files, "task", keys + ("mae",)), "categories": group_table(files, "category", keys),
+            "modalities": group_table(files, "modality", keys), "notes": notes, "skipped": skipped}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# normalised score across models and output files
+
+
+def normalized_scores(scores_by_model):
+    """Min-max per shared file over the pool, lower-is-better inverted, mean per model (llaso-mini recipe)."""
+    models = list(scores_by_model)
+    shared = set.intersection(*(set(s["files"]) for s in scores_by_model.values()))
+    points, used = {m: [] for m in models}, 0
+    for stem in sorted(shared):
+        key = scores_by_model[models[0]]["files"][stem]["primary"]
+        values = {m: scores_by_model[m]["files"][stem].get(key) for m in models}
+        if any(v is None for v in values.values()) or max(values.values()) == min(values.values()):
+            continue  # unscored somewhere, or a tie that carries no information
+        used += 1
+        low, high = min(values.values()), max(values.values())
+        for m, v in values.items():
+            x = (v - low) / (high - low)
+            points[m].append(1 - x if key in LOWER_IS_BETTER else x)
+    return {m: statistics.fmean(p) if p else None for m, p in points.items()}, used
+
+
+NORMALIZED_NOTE = ("llaso-mini recipe (min-max per file across this pool, lower-is-better inverted, mean over files); "
+                   "the paper's formula is not public: not comparable with the paper's 0.72")
+
+
+def fmt(value):
+    return "–" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def md_table(rows, columns, first="name"):
+    lines = [f"| {first} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for name, row in rows.items()]
+    return "\n".join(lines)
+
+
+def scores_markdown(title, scores):
+    metric_cols = ["wer", "cer", "per", "accuracy", "abstention_pct", "mae", "judge_mean"]
+    group_cols = ["files", "n", "wer", "cer", "per", "accuracy", "abstention_pct", "judge_mean"]  # MAE units differ
+    files = {stem: {**e, "coverage": e.get("coverage", e.get("judge_coverage"))} for stem, e in scores["files"].items()}
+    summary = {k: v for k, v in scores["summary"].items() if k != "mae"}
+    parts = [f"# Scores: {title}", f"Mode: **{scores['mode']}** (see `evaluate.py` docstring). Rates are fractions, "
+             "abstention in percent, MAE with coverage = items used / items.",
+             "## Summary", md_table({k: {"value": v} for k, v in summary.items()}, ["value"], "metric"),
+             "## Files", md_table(files, ["task", "modality", "n"] + metric_cols + ["coverage"], "file"),
+             "## Tasks", md_table(scores["tasks"], ["files", "n"] + metric_cols, "task"),
+             "## Categories", md_table(scores["categories"], group_cols, "category"),
+             "## Modalities", md_table(scores["modalities"], group_cols, "modality")]
+    if "normalized_score" in scores["summary"]:
+        ns = scores["summary"]["normalized_score"]
+        parts += ["## Normalised score", f"{fmt(ns['value'])} over {ns['files_used']} files, pool: "
+                  f"{', '.join(ns['pool'])}. {NORMALIZED_NOTE}."]
+    if scores["notes"]:
+        parts += ["## Notes"] + [f"- {n}" for n in scores["notes"]]
+    return "\n\n".join(parts) + "\n"
+
+
+def score_directories(dirs, compat=None, normalized=False, judge=None):
+    all_scores = {str(d): score_directory(d, compat, judge) for d in dirs}
+    if len(dirs) > 1 or normalized:
+        if len(dirs) < 2:
+            print("note: a normalised score needs at least two directories to compare", file=sys.stderr)
+        else:
+            values, used = normalized_scores(all_scores)
+            for d, value in values.items():
+                all_scores[d]["summary"]["normalized_score"] = {"value": value, "files_used": used,
+                                                                "pool": [Path(p).name for p in dirs],
+                                                                "note": NORMALIZED_NOTE}
+    for d, scores in all_scores.items():
+        Path(d, "scores.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        Path(d, "scores.md").write_text(scores_markdown(Path(d).name, scores), encoding="utf-8")
+        s = scores["summary"]
+        shown = {k: s[k] for k in ("wer", "per", "accuracy", "abstention_pct", "judge_mean") if k in s}
+        line = " ".join(f"{k}={fmt(v)}" for k, v in shown.items())
+        if "normalized_score" in s:
+            line += f" normalized={fmt(s['normalized_score']['value'])}"
+        print(f"{d}: {s['n_files']} files, {s['n_items']} items, {line} -> scores.json, scores.md")
+    return all_scores
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--score", nargs="+", metavar="RESULTS_DIR", help="score the prediction files in each dir")
+    parser.add_argument("--compat", choices=["llaso", "standard"],
+                        help="llaso: reproduce the reference scripts' numbers; standard: default but WER/CER/PER "
+                             "without normalisation (reference letter-PER, gold as reference)")
+    parser.add_argument("--normalized", action="store_true", help="normalised score across the dirs (default if >1)")
+    parser.add_argument("--judge-url", help="OpenAI-compatible chat completions URL; judges records without verdict")
+    parser.add_argument("--judge-key", help="API key (default: $OPENAI_API_KEY)")
+    parser.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (pin a dated version for reports)")
+    # generation flags (--ckpt, --data, --audio-root, --out, --audio, --prompt) go here
+    args = parser.parse_args(argv)
+    if not args.score:
+        parser.error("nothing to do: pass --score RESULTS_DIR [RESULTS_DIR ...]")
+    for d in args.score:
+        if not Path(d).is_dir():
+            parser.error(f"--score: {d} is not a directory")
+    judge = None
+    if args.judge_url:
+        key = args.judge_key or os.environ.get("OPENAI_API_KEY")
+        if not key:
+            parser.error("--judge-url needs --judge-key or the OPENAI_API_KEY environment variable")
+        judge = {"url": args.judge_url, "key": key, "model": args.judge_model,
+                 "temperature": 0.1 if args.compat == "llaso" else 0.0}  # 0.1 = reference setting
+    all_scores = score_directories(args.score, args.compat, args.normalized, judge)
+    if any(scores["skipped"] for scores in all_scores.values()):
+        sys.exit("some files could not be scored: see the errors above and the notes in scores.md")
+
+
+if __name__ == "__main__":
+    main()
