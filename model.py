@@ -6,7 +6,8 @@
 Reading order: prompt format -> tokens/labels -> encoder -> projector -> LLM + tokenizer -> splice -> loss
 -> greedy generation -> checkpoints -> presets (the paper's models and an offline tiny one).
 
-    python model.py --preset tiny           # write the tiny preset and print its sizes
+    python model.py --preset tiny                     # write the tiny preset and print its sizes
+    python model.py --convert LLaSO-Base-3.8B-Instruct --out ckpt/llaso-base --encoder openai/whisper-large-v3
 """
 
 import json
@@ -95,14 +96,13 @@ def tokenize(tokenizer, human: str, answer: str | None = None, max_len: int = 20
 # Loading weights from a transformers checkpoint (a hub id or a local directory)
 
 
-def resolve(name_or_dir: str) -> Path:
-    """A local directory as is; a hub id through the hub cache (config, preprocessor, safetensors only)."""
+def resolve(name_or_dir: str, weights: bool = True) -> Path:
+    """A local directory as is; a hub id through the hub cache (configs, and safetensors if `weights`)."""
     if Path(name_or_dir).is_dir():
         return Path(name_or_dir)
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors"]
-    return Path(snapshot_download(name_or_dir, allow_patterns=patterns))
+    return Path(snapshot_download(name_or_dir, allow_patterns=["*.json"] + ["*.safetensors"] * weights))
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -135,13 +135,16 @@ def load_prefixed(module: nn.Module, folder: Path, prefix: str, dtype=None):
 # Encoder: Whisper's encoder only, frozen, no autograd
 
 
-def load_encoder(name_or_dir: str, dtype=torch.float32) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
-    """The encoder half of a Whisper checkpoint (the decoder is never loaded) and its feature extractor."""
-    folder = resolve(name_or_dir)
+def load_encoder(name_or_dir: str, dtype=torch.float32, weights_from: tuple[Path, str] | None = None):
+    """The encoder half of a Whisper checkpoint (the decoder is never loaded) and its feature extractor.
+
+    weights_from=(folder, prefix) takes the weights from another checkpoint (the released LLaSO model).
+    """
+    folder = resolve(name_or_dir, weights=weights_from is None)
     config = WhisperConfig.from_pretrained(folder)
     with torch.device("meta"):  # weights come from the checkpoint; skip the random init
         encoder = WhisperEncoder(config)
-    load_prefixed(encoder, folder, "model.encoder.", dtype)
+    load_prefixed(encoder, *(weights_from or (folder, "model.encoder.")), dtype)
     encoder.requires_grad_(False).eval()
     if (folder / "preprocessor_config.json").exists():
         features = WhisperFeatureExtractor.from_pretrained(folder)
@@ -164,17 +167,18 @@ def make_projector(d_encoder: int, d_llm: int) -> nn.Sequential:
 
 def add_audio_tokens(llm, tokenizer):
     """Add NEW_TOKENS (pad = <unk>) and give each new embedding row the mean of the original rows."""
-    if all(t in tokenizer.get_vocab() for t in NEW_TOKENS):  # a saved stage-2 model already has them
-        return
     from tokenizers import AddedToken
 
-    old = llm.get_input_embeddings().weight.shape[0]
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in NEW_TOKENS], special_tokens=True)
+    missing = [t for t in NEW_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     tokenizer.pad_token = tokenizer.unk_token = "<unk>"
-    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        for emb in {llm.get_input_embeddings(), llm.get_output_embeddings()}:  # one matrix when tied
-            emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+    old = llm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:  # a saved stage-2 or released model already has the rows: keep them
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in {llm.get_input_embeddings(), llm.get_output_embeddings()}:  # one matrix when tied
+                emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
 
 
 def load_llm(name_or_dir: str, dtype=torch.float32):
@@ -307,8 +311,12 @@ class LLaSO(nn.Module):
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
     # ---- checkpoints
-    def save(self, out_dir: str | Path, with_llm: bool):
-        """Stage-1 artifact: projector + config. Stage-2 artifact (with_llm): also the LLM and tokenizer."""
+    def save(self, out_dir: str | Path, with_llm: bool, with_encoder: bool = False):
+        """Stage-1 artifact: projector + config. Stage-2 artifact (with_llm): also the LLM and tokenizer.
+
+        with_encoder also writes the encoder as a Whisper-format folder (for a converted released checkpoint,
+        whose encoder weights came from the checkpoint itself).
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().float().contiguous() for k, v in self.projector.state_dict().items()},
@@ -318,20 +326,107 @@ class LLaSO(nn.Module):
             self.llm.save_pretrained(out / "llm")
             self.tokenizer.save_pretrained(out / "llm")
             config["llm"] = "llm"  # relative to the artifact directory
+        if with_encoder:
+            (out / "encoder").mkdir(exist_ok=True)
+            self.encoder.config.save_pretrained(out / "encoder")
+            self.features.save_pretrained(out / "encoder")
+            save_file({"model.encoder." + k: v.contiguous() for k, v in self.encoder.state_dict().items()},
+                      out / "encoder" / "model.safetensors")
+            config["encoder"] = "encoder"
         config["stage"] = 2 if with_llm else 1
         (out / "llaso_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, encoder: str | None = None, llm: str | None = None,
              encoder_dtype=torch.float32, llm_dtype=torch.float32):
-        """Load a stage-1 or stage-2 artifact; `encoder`/`llm` override the ids stored in its config."""
+        """Load a stage-1 or stage-2 artifact, or the released LLaSO-Base checkpoint (its LLaVA layout).
+
+        `encoder`/`llm` override the ids stored in the artifact's config.
+        """
         ckpt = Path(ckpt_dir)
+        if is_llava_checkpoint(ckpt):
+            return load_llava(cls, ckpt, encoder, encoder_dtype, llm_dtype)
         saved = json.loads((ckpt / "llaso_config.json").read_text())
         stage = saved.pop("stage")
         config = ModelConfig(**saved)
-        config.encoder = encoder or config.encoder
-        config.llm = llm or (str(ckpt / "llm") if stage == 2 else config.llm)
+        inside = lambda name: str(ckpt / name) if (ckpt / name).is_dir() and not Path(name).is_absolute() else name
+        config.encoder = encoder or inside(config.encoder)
+        config.llm = llm or (inside(config.llm) if stage == 2 else config.llm)
         return cls.from_parts(config, str(ckpt / "projector.safetensors"), encoder_dtype, llm_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The released LLaSO-Base-3.8B-Instruct: the reference's LLaVA-style checkpoint, loaded directly
+
+LLAVA_PROJECTOR = "model.mm_audio_aligner.projector."
+LLAVA_AUDIO_TOWER = "model.audio_tower."
+DEFAULT_ENCODER = ModelConfig().encoder
+
+
+def is_llava_checkpoint(folder: Path) -> bool:
+    config = Path(folder) / "config.json"
+    return config.exists() and json.loads(config.read_text()).get("model_type") == "llava_llama"
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, tuple]:
+    """Name -> shape of every tensor in a (sharded) safetensors checkpoint, without reading the data."""
+    shapes = {}
+    for file in safetensors_files(folder):
+        with safe_open(file, framework="pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes
+
+
+def llava_expected_shapes(llama_config, encoder_config, encoder_prefix: str | None) -> dict[str, tuple]:
+    """Every tensor name the released checkpoint should hold, with its shape (built on the meta device)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        parts = [("", LlamaForCausalLM(llama_config)),
+                 (LLAVA_PROJECTOR, make_projector(encoder_config.d_model, llama_config.hidden_size))]
+        if encoder_prefix is not None:
+            parts.append((encoder_prefix, WhisperEncoder(encoder_config)))
+    expected = {prefix + k: tuple(v.shape) for prefix, m in parts for k, v in m.state_dict().items()}
+    if llama_config.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # tied: stored once, as the input embedding
+    return expected
+
+
+def load_llava(cls, folder: Path, encoder: str | None, encoder_dtype, llm_dtype) -> "LLaSO":
+    """Map the released checkpoint onto our modules: Llama under `model.`/`lm_head`, the projector under
+    LLAVA_PROJECTOR, the Whisper encoder under the audio tower. Fails listing every unmapped or missing tensor.
+
+    The config's `mm_audio_tower` is a path on the authors' training machine, so the Whisper config and feature
+    extractor come from `encoder` (default openai/whisper-large-v3); its weights come from the checkpoint when
+    the checkpoint holds the audio tower, else from `encoder`.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    raw = json.loads((folder / "config.json").read_text())
+    llama_config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
+    encoder = encoder or (raw.get("mm_audio_tower") if Path(str(raw.get("mm_audio_tower"))).is_dir() else None)
+    encoder = encoder or DEFAULT_ENCODER
+    encoder_config = WhisperConfig.from_pretrained(resolve(encoder, weights=False))
+    shapes = checkpoint_shapes(folder)
+    conv1 = [k for k in shapes if k.startswith(LLAVA_AUDIO_TOWER) and k.endswith("conv1.weight")]
+    encoder_prefix = conv1[0][: -len("conv1.weight")] if len(conv1) == 1 else None
+    expected = llava_expected_shapes(llama_config, encoder_config, encoder_prefix)
+    unmapped = sorted(k for k in shapes if k not in expected)
+    missing = sorted(k for k in expected if k not in shapes)
+    wrong = sorted(f"{k} {shapes[k]} != {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k])
+    if unmapped or missing or wrong:
+        raise ValueError(f"{folder}: the checkpoint does not fit the LLaSO layout.\n  unmapped: {unmapped}\n"
+                         f"  missing: {missing}\n  wrong shape: {wrong}")
+
+    # transformers streams the Llama tensors shard by shard and skips the projector/audio-tower ones
+    llm = LlamaForCausalLM.from_pretrained(folder, config=llama_config, dtype=llm_dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    add_audio_tokens(llm, tokenizer)  # the released tokenizer already has them: nothing is resized
+    enc, features = load_encoder(encoder, encoder_dtype, (folder, encoder_prefix) if encoder_prefix else None)
+    projector = load_prefixed(make_projector(encoder_config.d_model, llama_config.hidden_size), folder,
+                              LLAVA_PROJECTOR)
+    config = ModelConfig(encoder=encoder, llm=str(folder), max_text_len=raw.get("tokenizer_model_max_length", 2048))
+    return cls(config, enc, features, projector.float(), llm, tokenizer)
 
 
 def projector_param_count(d_encoder: int = 1280, d_llm: int = 3072) -> int:
@@ -445,10 +540,16 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "llaso"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "llaso"], help="models to load and describe")
+    parser.add_argument("--convert", metavar="DIR", help="a released LLaSO checkpoint to convert to a stage-2 artifact")
+    parser.add_argument("--out", help="where --convert writes the artifact")
+    parser.add_argument("--encoder", help="Whisper id or directory for --convert (default openai/whisper-large-v3)")
     args = parser.parse_args()
-    config = preset(args.preset)
-    print(config)
-    model = LLaSO.from_parts(config)
-    for name in ["encoder", "projector", "llm"]:
-        print(f"{name}: {sum(p.numel() for p in getattr(model, name).parameters()):,} parameters")
+    if args.convert:
+        LLaSO.load(args.convert, encoder=args.encoder).save(args.out, with_llm=True, with_encoder=True)
+        print(f"wrote {args.out}")
+    else:
+        model = LLaSO.from_parts(preset(args.preset))
+        print(model.config)
+        for name in ["encoder", "projector", "llm"]:
+            print(f"{name}: {sum(p.numel() for p in getattr(model, name).parameters()):,} parameters")
