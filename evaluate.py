@@ -1,6 +1,40 @@
-"""LLaSO-Eval scoring (and, later, generation) for llaso-mini.
+"""LLaSO-Eval for llaso-mini: generation of every test file, then scoring; and one-off answers.
 
-Score a directory of prediction files (one JSON list per test file, `<stem>_test.json`, records with
+Generate (greedy, 256 new tokens, stop on <|eot_id|>/<|eom_id|>/<|end_of_text|>, new tokens decoded without special
+tokens and stripped: SPEC §8.1), then score the results directory:
+
+    python evaluate.py --preset tiny                                   # sample eval set, out/instruct -> out/eval
+    python evaluate.py --ckpt out/instruct --data LLaSO-Eval --audio-root /data/llaso --out results/llaso-mini
+    python evaluate.py --ckpt LLaSO-Base-3.8B-Instruct --encoder openai/whisper-large-v3 \
+        --data LLaSO-Eval --audio-root /data/llaso --out results/llaso-base       # the released checkpoint
+    torchrun --nproc_per_node=8 evaluate.py --ckpt ... --data ... --audio-root ... --out ...   # one node, 8 GPUs
+
+--data takes test files or folders (searched recursively for *_test.json). Each test file gives RESULTS_DIR/<same
+name>: its records, in input order, with all their fields plus "answer" (JSON, indent 2, UTF-8). A record that
+cannot be evaluated (missing or unreadable audio, malformed record) is never dropped: it gets "answer": "" and an
+"error" naming file, record and reason; the scorer counts it as an empty answer and lists it in scores.md.
+bf16 on CUDA (as the reference), fp32 on CPU.
+
+Batching: LLaSO.generate left-pads with position ids that skip the pads, so a record's answer does not depend on
+its batch (tested in fp32). --batch-size 1 is the reference's exact protocol; in bf16 the different matmul shapes of
+a batch can, in rare near-ties, flip a token. Records are sorted by length within a file for batching; outputs are
+written in input order.
+
+Resuming: answers are appended per batch to RESULTS_DIR/.partial/<stem>.rank<r>.jsonl; rerunning the same command
+answers only what is missing, and <stem>_test.json is written (atomically) once all its records are answered.
+Files already written are skipped. RESULTS_DIR/.partial/run.json pins checkpoint and settings: a rerun with others
+is refused. Under torchrun the records of each file are split across ranks by index stride; rank 0 merges.
+
+One record (prints the answer):
+
+    python evaluate.py --ckpt out/instruct --audio question.wav --prompt "Answer the question."   # (t,a)
+    python evaluate.py --ckpt out/instruct --audio question.wav                                 # (a): turn = <audio>
+    python evaluate.py --ckpt out/instruct --prompt "What is the capital of France?"              # text only
+
+A prompt without <audio> gets it appended after the text (instruction first: the common (t,a) form); put <audio>
+at the start of --prompt for the audio-first (a,t) form.
+
+Score a directory of prediction files alone (one JSON list per test file, `<stem>_test.json`, records with
 `conversations` = [human, gpt = gold] and the prediction in `answer`, `prediction` or `result`):
 
     python evaluate.py --score results/llaso-mini                      # correct metrics (default)
@@ -35,6 +69,7 @@ from pathlib import Path
 
 import jiwer
 
+SAMPLE = Path(__file__).resolve().parent / "sample"  # bundled sample corpus (--preset tiny)
 AUDIO = "<audio>"  # same placeholder as model.AUDIO; not imported, so scoring needs neither torch nor transformers
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,8 +151,12 @@ def modality(stem, humans):
 PREDICTION_KEYS = ("answer", "prediction", "result")  # LLaSO / SALMONN, LLaMA-Omni / GLM-4-Voice, Mini-Omni, Typhoon
 
 
-def load_results(path):
-    """-> list of (human, gold, prediction) strings; raises ValueError naming the file and record."""
+def load_results(path, errors=None):
+    """-> list of (human, gold, prediction) strings; raises ValueError naming the file and record.
+
+    Records that generation could not evaluate carry "error" (and an empty answer): they count as empty answers,
+    and `errors`, if a list, receives their reasons. One without a usable gold cannot be scored and is left out.
+    """
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -126,9 +165,13 @@ def load_results(path):
         raise ValueError(f"{path.name}: expected a JSON list of records, got {type(records).__name__}")
     rows = []
     for i, record in enumerate(records):
+        if isinstance(record, dict) and record.get("error") and errors is not None:
+            errors.append(str(record["error"]))
         try:
             human, gold = record["conversations"][0]["value"], record["conversations"][1]["value"]
         except (KeyError, IndexError, TypeError):
+            if isinstance(record, dict) and record.get("error"):
+                continue
             raise ValueError(f"{path.name} record {i}: expected 'conversations' = [human turn, gpt turn]") from None
         key = next((k for k in PREDICTION_KEYS if k in record), None)
         if key is None:
@@ -497,6 +540,7 @@ def summarize(files):
         return [e for e in files.values() if e["kind"] in kinds]
 
     summary = {"n_files": len(files), "n_items": sum(e["n"] for e in files.values()),
+               "errors": sum(e.get("errors", 0) for e in files.values()) or None,
                "wer": mean_of(of("asr"), "wer"), "cer": mean_of(of("asr"), "cer"), "per": mean_of(of("per"), "per"),
                "accuracy": mean_of(of("acc"), "accuracy"), "abstention_pct": mean_of(of("acc"), "abstention_pct"),
                "judge_mean": mean_of(of(*JUDGED), "judge_mean"),
@@ -514,8 +558,9 @@ def score_directory(results_dir, compat=None, judge=None):
         if path.name == "scores.json":
             continue
         stem = path.stem
+        errors = []
         try:
-            rows = load_results(path)
+            rows = load_results(path, errors)
         except ValueError as error:  # one broken file must not hide the others' scores
             skipped.append(str(error))
             notes.append(f"skipped {error}")
@@ -524,6 +569,10 @@ def score_directory(results_dir, compat=None, judge=None):
         if judge and task_of(stem, rows)[2] in JUDGED:
             judge_file(results_dir, stem, rows, **judge)
         files[stem] = score_file(results_dir, stem, rows, compat)
+        if errors:
+            files[stem]["errors"] = len(errors)
+            notes.append(f"`{stem}`: {len(errors)} records could not be evaluated (error entries, scored as empty "
+                         f"answers), e.g. {errors[0]}")
         if files[stem]["kind"] in JUDGED and not files[stem].get("judge_n"):
             notes.append(f"`{stem}`: no judge verdicts in gpt_result/{stem}.jsonl (run with --judge-url)")
         if files[stem]["task"] == "unknown":
@@ -616,26 +665,289 @@ def score_directories(dirs, compat=None, normalized=False, judge=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# generation: every record of every test file -> <stem>_test.json with "answer" (torch/transformers imported here only)
+
+DEFAULT_ENCODER = "openai/whisper-large-v3"
+PARTIAL = ".partial"  # RESULTS_DIR/.partial/<stem>.rank<r>.jsonl: {"i": record number, "answer": ...} per line
+
+
+def find_test_files(paths):
+    """*_test.json under each folder (recursively) plus files named directly; stems must be unique."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob("*_test.json"))
+            if not found:
+                raise ValueError(f"{p}: no *_test.json files in this folder or below")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"{p}: no such test file or folder")
+    stems = [f.stem for f in files]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise ValueError(f"test file names must be unique (one output file each), repeated: {duplicates}")
+    return files
+
+
+def distributed():
+    """(rank, world size, device) from torchrun's environment; a plain `python evaluate.py` is rank 0 of 1."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        import datetime
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # ranks finish their shares at slightly different times: a generous timeout for the final barrier
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    return rank, world, device
+
+
+def barrier(world, device):
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
+
+
+def load_model(ckpt, encoder=None, device="cpu"):
+    """bf16 on CUDA (as the reference), fp32 on CPU."""
+    import torch
+
+    from model import LLaSO, is_llava_checkpoint
+
+    ckpt = Path(ckpt)
+    if not (ckpt / "llaso_config.json").is_file() and not is_llava_checkpoint(ckpt):
+        raise SystemExit(f"--ckpt {ckpt}: neither a llaso-mini artifact (llaso_config.json) nor the released "
+                         "LLaSO-Base checkpoint (config.json with model_type llava_llama)")
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = LLaSO.load(ckpt, encoder=encoder, encoder_dtype=dtype, llm_dtype=dtype)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def read_partials(out, stem):
+    """record number -> row, from the partial files of every rank (of this or an earlier, interrupted run)."""
+    done = {}
+    for path in sorted((out / PARTIAL).glob(f"{stem}.rank*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash: that record is generated again
+            done.setdefault(row["i"], row)
+    return done
+
+
+def append_rows(path, rows):
+    with path.open("a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+            f.write(b"\n")  # close a line cut short by a crash, so the new rows parse
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path, value):
+    """Atomically: a crash leaves either no file or the whole file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def output_record(record, row):
+    """The input record with all its fields plus "answer" (and "error" if the record could not be evaluated)."""
+    entry = dict(record) if isinstance(record, dict) else {} if record is None else {"record": record}
+    entry["answer"] = row["answer"]
+    if "error" in row:
+        entry["error"] = row["error"]
+    return entry
+
+
+def merge(out, path, corpus, k):
+    """Write <stem>.json from the partial files once every record of test file k has a row; True if written."""
+    from data import RecordError
+
+    start, stop = int(corpus.starts[k]), int(corpus.starts[k + 1])
+    done = read_partials(out, path.stem)
+    if len(done) < stop - start:
+        return False
+    records = []
+    for i in range(start, stop):
+        try:
+            record = corpus.read(i)
+        except RecordError:
+            record = None  # its row already carries the error
+        records.append(output_record(record, done[i - start]))
+    write_json(out / path.name, records)
+    for partial in (out / PARTIAL).glob(f"{path.stem}.rank*.jsonl"):
+        partial.unlink()
+    return True
+
+
+def check_run(out, settings):
+    """Refuse to mix predictions of different checkpoints or settings in one results directory."""
+    path = out / PARTIAL / "run.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            raise SystemExit(f"{out} holds predictions of another run ({previous}), not of {settings}: "
+                             "choose another --out, or delete it to start over")
+    else:
+        write_json(path, settings)
+
+
+def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max_new_tokens=256, workers=2,
+                   stop_after=None):
+    """Greedy answers for every record of every test file, written to out/<stem>.json; resumable; torchrun-aware.
+
+    Records are split across ranks by index stride within each file and sorted by length within a rank's share
+    (batches of similar prompts pad less); outputs are written in input order. stop_after (tests) ends the run
+    after that many batches, as a crash would. Returns (files completed, files in total, error entries).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from data import Corpus, LLaSODataset, make_loader
+
+    rank, world, device = distributed()
+    files, out = find_test_files(data), Path(out)
+    (out / PARTIAL).mkdir(parents=True, exist_ok=True)
+    check_run(out, {"ckpt": str(Path(ckpt).resolve()), "encoder": encoder, "max_new_tokens": max_new_tokens})
+    model = load_model(ckpt, encoder, device)
+    corpus = Corpus(files, cache_dir=out / PARTIAL / "index")  # byte-offset index, so records are read one by one
+    dataset = LLaSODataset(corpus, model.tokenizer, model.features, audio_root, max_len=model.config.max_text_len,
+                           eval_mode=True)
+    lengths = corpus.lengths()
+
+    batches, todo = [], {}  # todo: test file k -> records this rank still has to answer
+    for k, path in enumerate(files):
+        if (out / path.name).exists():
+            continue  # finished in an earlier run
+        done = read_partials(out, path.stem)
+        start, stop = int(corpus.starts[k]), int(corpus.starts[k + 1])
+        mine = [i for i in range(start + rank, stop, world) if i - start not in done]
+        mine.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep input order
+        batches += [mine[b: b + batch_size] for b in range(0, len(mine), batch_size)]
+        todo[k] = len(mine)
+    if stop_after is not None:
+        batches = batches[:stop_after]
+    print(f"rank {rank}/{world}: {len(files)} test files, {len(files) - len(todo)} already done, "
+          f"{sum(todo.values())} records to answer in {len(batches)} batches of <= {batch_size}", file=sys.stderr)
+
+    errors, cut = [], []
+    loader = make_loader(dataset, batches, workers) if batches else []
+    for batch in tqdm(loader, total=len(batches), disable=rank != 0, desc="generate", unit="batch"):
+        with torch.inference_mode():
+            answers = model.generate(batch, max_new_tokens) if batch["input_ids"] else []
+        rows = [{"i": no, "answer": a} for (_, no), a in zip(batch["where"], answers)]
+        for file, no, reason in batch["skipped"]:  # evaluation never drops a record: it gets an error entry
+            rows.append({"i": no, "answer": "", "error": f"{Path(file).name} record {no}: {reason}"})
+            errors.append(rows[-1]["error"])
+        cut += [f"{Path(file).name} record {no}: {what}" for file, no, what in batch["cut"]]
+        k = corpus.files.index(Path(batch["where"][0][0] if batch["where"] else batch["skipped"][0][0]))
+        append_rows(out / PARTIAL / f"{files[k].stem}.rank{rank}.jsonl", rows)
+        todo[k] -= len(rows)
+        if world == 1 and todo[k] == 0:
+            merge(out, files[k], corpus, k)  # one process: each file appears as soon as it is complete
+
+    barrier(world, device)
+    complete = sum((out / f.name).exists() for f in files)
+    if rank == 0:
+        complete = sum((out / f.name).exists() or merge(out, f, corpus, k) for k, f in enumerate(files))
+        for line in cut[:20]:
+            print(f"warning: audio cut: {line}", file=sys.stderr)
+        if errors:
+            print(f"{len(errors)} records could not be evaluated; they have error entries (answer \"\"):",
+                  file=sys.stderr)
+            for line in errors[:20]:
+                print(f"  {line}", file=sys.stderr)
+            if len(errors) > 20:
+                print(f"  ... and {len(errors) - 20} more (search the outputs for \"error\")", file=sys.stderr)
+        print(f"{out}: {complete} of {len(files)} test files complete", file=sys.stderr)
+    return complete, len(files), errors
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# single-record inference
+
+
+def human_turn(prompt, n_audio):
+    """The human turn of a one-off question. A prompt without <audio> gets it appended: instruction first, (t,a)."""
+    if prompt is None:
+        return AUDIO * n_audio
+    if AUDIO not in prompt and n_audio:
+        return prompt + AUDIO * n_audio
+    if prompt.count(AUDIO) != n_audio:
+        raise SystemExit(f"the prompt has {prompt.count(AUDIO)} {AUDIO} placeholders but {n_audio} --audio files")
+    return prompt
+
+
+def answer_one(model, prompt=None, audio=(), max_new_tokens=256):
+    """The model's answer to one prompt and its audio files (none: a text-only prompt)."""
+    import torch
+
+    import model as M
+    from data import RecordError, load_audio, log_mel, split_chunks
+
+    ids, labels = M.tokenize(model.tokenizer, human_turn(prompt, len(audio)), None, model.config.max_text_len)
+    chunks, counts = [], []
+    for path in audio:
+        try:
+            file_chunks, dropped = split_chunks(load_audio(Path(path)))
+        except RecordError as error:
+            raise SystemExit(str(error)) from None
+        if dropped:
+            print(f"warning: {path}: {dropped} chunk(s) of 30 s beyond the limit dropped", file=sys.stderr)
+        chunks += file_chunks
+        counts.append(len(file_chunks))
+    n_mels = model.features.feature_size
+    mels = torch.from_numpy(log_mel(chunks, model.features)) if chunks else torch.zeros(0, n_mels, 3000)
+    batch = {"input_ids": [torch.tensor(ids)], "labels": [torch.tensor(labels)], "mels": mels,
+             "audio_chunks": torch.tensor(counts, dtype=torch.long)}
+    with torch.inference_mode():
+        return model.generate(batch, max_new_tokens)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # command line
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--score", nargs="+", metavar="RESULTS_DIR", help="score the prediction files in each dir")
-    parser.add_argument("--compat", choices=["llaso", "standard"],
-                        help="llaso: reproduce the reference scripts' numbers; standard: default but WER/CER/PER "
-                             "without normalisation (reference letter-PER, gold as reference)")
-    parser.add_argument("--normalized", action="store_true", help="normalised score across the dirs (default if >1)")
-    parser.add_argument("--judge-url", help="OpenAI-compatible chat completions URL; judges records without verdict")
-    parser.add_argument("--judge-key", help="API key (default: $OPENAI_API_KEY)")
-    parser.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (pin a dated version for reports)")
-    # generation flags (--ckpt, --data, --audio-root, --out, --audio, --prompt) go here
+    gen = parser.add_argument_group("generation (then scoring of --out)")
+    gen.add_argument("--ckpt", help="stage-1/stage-2 artifact directory or the released LLaSO-Base checkpoint")
+    gen.add_argument("--data", nargs="+", metavar="EVAL_DIR_OR_FILE", help="test files, or folders searched for "
+                     "*_test.json recursively")
+    gen.add_argument("--audio-root", help="folder the records' 'voice' paths are relative to")
+    gen.add_argument("--out", help="results directory: one <stem>_test.json per test file, scores.json, scores.md")
+    gen.add_argument("--encoder", help=f"Whisper id or directory, overriding the checkpoint's (released "
+                     f"checkpoint: default {DEFAULT_ENCODER})")
+    gen.add_argument("--batch-size", type=int, default=16, help="records per generate call; 1 = the reference's "
+                     "exact protocol (batched output is identical in fp32; bf16 may flip a token in rare near-ties)")
+    gen.add_argument("--max-new-tokens", type=int, default=256, help="greedy decoding budget (reference: 256)")
+    gen.add_argument("--workers", type=int, default=2, help="DataLoader workers reading audio and making log-mels")
+    gen.add_argument("--preset", choices=["tiny"], help="tiny: defaults --ckpt out/instruct, --data sample/LLaSO-Eval, "
+                     "--audio-root sample/audio, --out out/eval")
+    one = parser.add_argument_group("single-record inference (prints the answer)")
+    one.add_argument("--audio", nargs="+", metavar="WAV", help="audio file(s), one per <audio> in --prompt")
+    one.add_argument("--prompt", help="human turn; without <audio> one is appended after it (instruction first); "
+                     "without --prompt the turn is just <audio>")
+    score = parser.add_argument_group("scoring")
+    score.add_argument("--score", nargs="+", metavar="RESULTS_DIR", help="score the prediction files in each dir")
+    score.add_argument("--compat", choices=["llaso", "standard"],
+                       help="llaso: reproduce the reference scripts' numbers; standard: default but WER/CER/PER "
+                            "without normalisation (reference letter-PER, gold as reference)")
+    score.add_argument("--normalized", action="store_true", help="normalised score across the dirs (default if >1)")
+    score.add_argument("--judge-url", help="OpenAI-compatible chat completions URL; judges records without verdict")
+    score.add_argument("--judge-key", help="API key (default: $OPENAI_API_KEY)")
+    score.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (pin a dated version for reports)")
     args = parser.parse_args(argv)
-    if not args.score:
-        parser.error("nothing to do: pass --score RESULTS_DIR [RESULTS_DIR ...]")
-    for d in args.score:
-        if not Path(d).is_dir():
-            parser.error(f"--score: {d} is not a directory")
     judge = None
     if args.judge_url:
         key = args.judge_key or os.environ.get("OPENAI_API_KEY")
@@ -643,7 +955,47 @@ def main(argv=None):
             parser.error("--judge-url needs --judge-key or the OPENAI_API_KEY environment variable")
         judge = {"url": args.judge_url, "key": key, "model": args.judge_model,
                  "temperature": 0.1 if args.compat == "llaso" else 0.0}  # 0.1 = reference setting
-    all_scores = score_directories(args.score, args.compat, args.normalized, judge)
+
+    if args.score:
+        for d in args.score:
+            if not Path(d).is_dir():
+                parser.error(f"--score: {d} is not a directory")
+        all_scores = score_directories(args.score, args.compat, args.normalized, judge)
+        if any(scores["skipped"] for scores in all_scores.values()):
+            sys.exit("some files could not be scored: see the errors above and the notes in scores.md")
+        return
+
+    if args.preset == "tiny":
+        args.ckpt = args.ckpt or "out/instruct"
+        args.data = args.data or [str(SAMPLE / "LLaSO-Eval")]
+        args.audio_root = args.audio_root or str(SAMPLE / "audio")
+        args.out = args.out or "out/eval"
+        if not (Path(args.ckpt) / "llaso_config.json").is_file():
+            sys.exit(f"no finished tiny stage-2 checkpoint in {args.ckpt}: train one first with\n"
+                     "    python align.py --preset tiny && python instruct.py --preset tiny\n"
+                     "(instruct.py writes it to out/instruct at the end), or pass --ckpt DIR")
+    if not args.ckpt:
+        parser.error("nothing to do: pass --ckpt DIR (generation or --audio/--prompt), --preset tiny, or --score DIR")
+
+    if args.audio or args.prompt is not None:
+        _, _, device = distributed()
+        print(answer_one(load_model(args.ckpt, args.encoder, device), args.prompt, args.audio or [],
+                         args.max_new_tokens))
+        return
+
+    missing = [f"--{name.replace('_', '-')}" for name in ("data", "audio_root", "out") if not getattr(args, name)]
+    if missing:
+        parser.error(f"generation needs {', '.join(missing)} (or --preset tiny)")
+    try:
+        complete, total, _ = generate_files(args.ckpt, args.data, args.audio_root, args.out, args.encoder,
+                                            args.batch_size, args.max_new_tokens, args.workers)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    if complete < total:
+        sys.exit(f"{total - complete} test files are incomplete: run the same command again to finish them")
+    all_scores = score_directories([args.out], args.compat, judge=judge)
     if any(scores["skipped"] for scores in all_scores.values()):
         sys.exit("some files could not be scored: see the errors above and the notes in scores.md")
 

@@ -1,0 +1,152 @@
+"""Generation half of evaluate.py: the sample end to end, resume after a crash, batched == batch 1, error entries,
+single-record inference, torchrun == one process. A sharpened tiny stage-2 model, 12 new tokens."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, SAMPLE
+from test_model import sharpen
+
+import evaluate as ev
+import model as M
+
+EVAL, AUDIO_ROOT, TOKENS = SAMPLE / "LLaSO-Eval", SAMPLE / "audio", 12
+SMALL = [EVAL / "audio_text" / "dolly_instruction_0_test.json", EVAL / "pure_audio" / "alpaca_gpt4_end_test.json"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_config, tmp_path_factory):
+    """A stage-2 artifact whose answers are varied, non-empty and of different lengths."""
+    torch.manual_seed(0)
+    model = sharpen(M.LLaSO.from_parts(tiny_config))
+    eot = model.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    common = model.tokenizer.encode(" the", add_special_tokens=False)[0]
+    with torch.no_grad():  # <|eot_id|> = a scaled copy of a common token: rows stop wherever it would have won
+        model.llm.get_input_embeddings().weight[eot] *= 0
+        model.llm.get_input_embeddings().weight[eot] += 1.05 * model.llm.get_input_embeddings().weight[common]
+    folder = tmp_path_factory.mktemp("ckpt") / "instruct"
+    model.save(folder, with_llm=True)
+    return folder
+
+
+def generate(ckpt, data, out, **kwargs):
+    return ev.generate_files(ckpt, [str(d) for d in data], AUDIO_ROOT, out, max_new_tokens=TOKENS, workers=0,
+                             **kwargs)
+
+
+def answers(path):
+    return [r["answer"] for r in json.loads(path.read_text(encoding="utf-8"))]
+
+
+@pytest.fixture(scope="module")
+def full(ckpt, tmp_path_factory):
+    """The whole sample eval set through the command line (batch 16), scored."""
+    out = tmp_path_factory.mktemp("eval") / "results"
+    ev.main(["--ckpt", str(ckpt), "--data", str(EVAL), "--audio-root", str(AUDIO_ROOT), "--out", str(out),
+             "--max-new-tokens", str(TOKENS), "--workers", "0"])
+    return out
+
+
+def test_sample_end_to_end(full):
+    inputs = sorted(EVAL.rglob("*_test.json"))
+    assert len(inputs) == 7
+    all_answers = []
+    for path in inputs:
+        records = json.loads(path.read_text(encoding="utf-8"))
+        text = (full / path.name).read_text(encoding="utf-8")
+        results = json.loads(text)
+        assert text == json.dumps(results, indent=2, ensure_ascii=False) + "\n"  # the reference layout
+        assert len(results) == len(records)
+        for record, result in zip(records, results):  # input order, every original field, then the answer
+            assert list(result) == list(record) + ["answer"]
+            assert {k: v for k, v in result.items() if k != "answer"} == record
+            assert isinstance(result["answer"], str)
+        all_answers += [r["answer"] for r in results]
+    assert sum(bool(a) for a in all_answers) > 0.9 * len(all_answers)
+    assert len(set(all_answers)) > 0.8 * len(all_answers)  # input-dependent outputs: the comparisons below mean something
+    assert len({len(a) for a in all_answers}) > 5
+    assert not list((full / ev.PARTIAL).glob("*.jsonl"))
+    scores = json.loads((full / "scores.json").read_text())
+    assert set(scores) == {"mode", "files", "summary", "tasks", "categories", "modalities", "notes", "skipped"}
+    assert sorted(scores["files"]) == sorted(p.stem for p in inputs) and scores["mode"] == "default"
+    assert scores["summary"]["n_items"] == 64 and "accuracy" in scores["summary"] and "wer" in scores["summary"]
+    assert (full / "scores.md").exists()
+
+
+def test_batch_size_one_gives_the_same_answers(ckpt, full, tmp_path):
+    """(a,t) prompts: the text after the audio varies, so the batch of 16 pads its rows by different amounts."""
+    generate(ckpt, SMALL[:1], tmp_path, batch_size=1)
+    assert answers(tmp_path / SMALL[0].name) == answers(full / SMALL[0].name)
+
+
+def test_interrupted_run_resumes_without_duplicates(ckpt, full, tmp_path, capsys):
+    assert generate(ckpt, SMALL, tmp_path, batch_size=4, stop_after=3)[0] == 1  # 6 + 4 of 12 records
+    first, second = (tmp_path / p.name for p in SMALL)
+    partial = tmp_path / ev.PARTIAL / f"{SMALL[1].stem}.rank0.jsonl"
+    assert first.exists() and not second.exists()
+    lines = partial.read_text().splitlines()
+    assert len(lines) == len({json.loads(line)["i"] for line in lines}) == 4
+    partial.write_text("\n".join(lines[:3]) + "\n" + lines[3][:9])  # a crash in the middle of a line
+    done_at = first.stat().st_mtime_ns
+    capsys.readouterr()
+    assert generate(ckpt, SMALL, tmp_path, batch_size=4)[:2] == (2, 2)
+    assert "1 already done, 3 records to answer" in capsys.readouterr().err
+    assert first.stat().st_mtime_ns == done_at  # completed files are not redone
+    for path in SMALL:
+        assert answers(tmp_path / path.name) == answers(full / path.name)
+        assert json.loads((tmp_path / path.name).read_text()) == json.loads((full / path.name).read_text())
+    assert not partial.exists()
+    with pytest.raises(SystemExit, match="predictions of another run"):  # never mix settings in one directory
+        ev.generate_files(ckpt, [str(SMALL[0])], AUDIO_ROOT, tmp_path, max_new_tokens=TOKENS + 1, workers=0)
+
+
+def test_bad_records_get_error_entries_and_the_rest_is_evaluated(ckpt, full, tmp_path):
+    records = json.loads(SMALL[0].read_text())
+    records[1]["voice"] = ["eval/nowhere/missing.wav"]
+    del records[3]["conversations"]
+    data = tmp_path / "data" / SMALL[0].name
+    data.parent.mkdir()
+    data.write_text(json.dumps(records, indent=2))
+    out = tmp_path / "out"
+    _, _, errors = generate(ckpt, [data], out)
+    results, want = json.loads((out / data.name).read_text()), answers(full / data.name)
+    assert len(results) == len(records) and len(errors) == 2
+    assert "error" not in results[0] and [r["answer"] for r in results] == [a if i not in (1, 3) else ""
+                                                                            for i, a in enumerate(want)]
+    assert results[1]["error"].startswith(f"{data.name} record 1: audio file not found")
+    assert "missing.wav" in results[1]["error"] and results[1]["voice"] == records[1]["voice"]
+    assert results[3]["error"].startswith(f"{data.name} record 3: expected 'conversations'")
+    scores = ev.score_directory(out)
+    assert scores["files"][data.stem]["errors"] == 2 and scores["files"][data.stem]["n"] == 5  # no gold: unscored
+    assert scores["summary"]["errors"] == 2 and any("2 records could not be evaluated" in n for n in scores["notes"])
+
+
+def test_single_record_inference(ckpt, full):
+    record = json.loads(SMALL[1].read_text())[0]
+    human, wav = record["conversations"][0]["value"], AUDIO_ROOT / record["voice"][0].replace("\\", "/")
+    want = answers(full / SMALL[1].name)[0]
+    cli = [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(ckpt), "--audio", str(wav), "--prompt", human,
+           "--max-new-tokens", str(TOKENS)]
+    out = subprocess.run(cli, capture_output=True, check=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert out.stdout.decode("utf-8") == want + "\n"
+    model = ev.load_model(ckpt)
+    assert human.endswith("<audio>")  # a prompt without the placeholder gets it appended: the same record
+    assert ev.answer_one(model, human.removesuffix("<audio>"), [wav], TOKENS) == want
+    assert isinstance(ev.answer_one(model, "What is the capital of France?", [], TOKENS), str)  # text only
+    assert ev.human_turn(None, 1) == "<audio>"  # audio only: the spoken instruction is the whole turn
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+def test_torchrun_two_processes_equals_one(ckpt, full, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    cli = [torchrun, "--standalone", "--nproc_per_node=2", str(ROOT / "evaluate.py"), "--ckpt", str(ckpt),
+           "--data", *map(str, SMALL), "--audio-root", str(AUDIO_ROOT), "--out", str(tmp_path),
+           "--max-new-tokens", str(TOKENS), "--workers", "0", "--batch-size", "4"]
+    subprocess.run(cli, check=True, timeout=300, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for path in SMALL:
+        assert (tmp_path / path.name).read_bytes() == (full / path.name).read_bytes()
+    assert (tmp_path / "scores.json").exists()
