@@ -18,6 +18,18 @@ EVAL, AUDIO_ROOT, TOKENS = SAMPLE / "LLaSO-Eval", SAMPLE / "audio", 12
 SMALL = [EVAL / "audio_text" / "dolly_instruction_0_test.json", EVAL / "pure_audio" / "alpaca_gpt4_end_test.json"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On a busy 2-core machine two intra-op threads stall on every small op (10-25x slower); one never does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+
+
 @pytest.fixture(scope="module")
 def ckpt(tiny_config, tmp_path_factory):
     """A stage-2 artifact whose answers are varied, non-empty and of different lengths."""
@@ -131,7 +143,7 @@ def test_single_record_inference(ckpt, full):
     want = answers(full / SMALL[1].name)[0]
     cli = [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(ckpt), "--audio", str(wav), "--prompt", human,
            "--max-new-tokens", str(TOKENS)]
-    out = subprocess.run(cli, capture_output=True, check=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    out = subprocess.run(cli, capture_output=True, check=True, timeout=120, env=ONE_THREAD)
     assert out.stdout.decode("utf-8") == want + "\n"
     model = ev.load_model(ckpt)
     assert human.endswith("<audio>")  # a prompt without the placeholder gets it appended: the same record
@@ -146,7 +158,7 @@ def test_torchrun_two_processes_equals_one(ckpt, full, tmp_path):
     cli = [torchrun, "--standalone", "--nproc_per_node=2", str(ROOT / "evaluate.py"), "--ckpt", str(ckpt),
            "--data", *map(str, SMALL), "--audio-root", str(AUDIO_ROOT), "--out", str(tmp_path),
            "--max-new-tokens", str(TOKENS), "--workers", "0", "--batch-size", "4"]
-    subprocess.run(cli, check=True, timeout=300, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(cli, check=True, timeout=300, capture_output=True, env=ONE_THREAD)
     for path in SMALL:
         assert (tmp_path / path.name).read_bytes() == (full / path.name).read_bytes()
     assert (tmp_path / "scores.json").exists()
