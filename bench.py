@@ -1,0 +1,188 @@
+"""Benchmarks of llaso-mini. Each one is a function below; main() runs the ones named on the command line.
+
+    python bench.py                    # every benchmark; data ones on a generated 1M-record corpus (~0.4 GB, temp dir)
+    python bench.py --quick            # 100k records, fewer reads and batches
+    python bench.py index access       # a selection: index, access, preflight, loader
+
+Data targets (on the 1M-record file): index build >= 200k records/s, <= 150 MB peak RSS, random access <= 1 ms.
+Timings and peak RSS of the index build, json.load and the preflight come from separate processes (os.wait4
+reports each one's peak RSS, imports included), so one measurement cannot inflate another.
+"""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+SAMPLE = ROOT / "sample"
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+INSTRUCTIONS = ["Please transcribe the audio.", "Transcribe the speech into text.", "What is the gender of the "
+                "speaker? Answer with one of: Male, Female.", "Which accent does the speaker have? Choose one of: "
+                "American, Canadian, English, Irish, Scottish.", "Listen to this audio carefully and share your answer."]
+WORDS = "the a of and to in is was he that it for on with as his they be at one have this from or had by".split()
+NON_ASCII = ["café", "naïve", "Zoë", "“quoted”", "São Paulo", "it’s"]
+
+
+def llaso_record(i: int, rng: random.Random) -> dict:
+    """A record shaped like LLaSO-Instruct's: backslash path, instruction + <audio>, answer, passthrough metadata."""
+    words = rng.choices(WORDS, k=rng.randint(5, 40))
+    if rng.random() < 0.02:  # a few records with non-ASCII text, as in real transcripts and answers
+        words[0] = rng.choice(NON_ASCII)
+    instruction = rng.choice(INSTRUCTIONS)
+    human = f"<audio>{instruction}" if i % 4 == 0 else f"{instruction}<audio>"
+    return {"id": f"rec-{i:07d}", "voice": [f"librispeech\\train-clean-100\\{i % 2000}\\{i}_EN-US_1.0_{i % 7}.flac"],
+            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": " ".join(words) + "."}],
+            "metadata": {"speaker_id": i % 2000, "gender": rng.choice(["Male", "Female"]), "duration": 4.2}}
+
+
+def write_corpus(path: Path, n: int) -> Path:
+    """One JSON list of n records, one record per line (json.dumps with the C encoder; indent would take minutes)."""
+    rng = random.Random(0)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[\n")
+        for i in range(n):
+            f.write((",\n" if i else "") + json.dumps(llaso_record(i, rng), ensure_ascii=False))
+        f.write("\n]\n")
+    return path
+
+
+def measured(code: str) -> tuple[dict, float, float]:
+    """Run python code in a fresh process: (the JSON it prints last, wall seconds, peak RSS in MB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"benchmark process failed ({status}):\n{code}")
+    lines = out.strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}, time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def corpus_file(args) -> Path:
+    """The generated corpus, written once per run."""
+    path = Path(args.workdir) / f"llaso_{args.records}.json"
+    if not path.exists():
+        t = time.perf_counter()
+        write_corpus(path, args.records)
+        print(f"generated {path} ({args.records:,} records, {path.stat().st_size / 1e6:.0f} MB) "
+              f"in {time.perf_counter() - t:.0f} s")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def bench_index(args):
+    """Index build: records/s and peak RSS, against json.load of the same file."""
+    path = corpus_file(args)
+    index = Path(args.workdir) / "bench.idx"
+    build, _, rss = measured(
+        "import json, time; from pathlib import Path; import data\n"
+        f"t = time.perf_counter(); c = time.process_time(); data.build_index(Path({str(path)!r}), Path({str(index)!r}))\n"
+        "print(json.dumps({'wall': time.perf_counter() - t, 'cpu': time.process_time() - c}))")
+    print(f"index build: {args.records / build['wall']:,.0f} records/s ({build['wall']:.1f} s wall, "
+          f"{args.records / build['cpu']:,.0f} records/s of CPU time), peak RSS {rss:.0f} MB (whole process)")
+    _, _, base_rss = measured("import json, data; print('{}')")
+    print(f"  python + data.py imports alone: peak RSS {base_rss:.0f} MB")
+    if args.skip_json_load:
+        return
+    loaded, _, rss = measured(
+        f"import json, time\nt = time.perf_counter(); records = json.load(open({str(path)!r}, encoding='utf-8'))\n"
+        "print(json.dumps({'wall': time.perf_counter() - t}))")
+    print(f"json.load:   {args.records / loaded['wall']:,.0f} records/s ({loaded['wall']:.1f} s), peak RSS {rss:.0f} MB")
+
+
+def bench_access(args):
+    """Random record access through the memory-mapped index (warm page cache)."""
+    import data
+
+    path = corpus_file(args)
+    corpus = data.Corpus(path, cache_dir=args.workdir)
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(corpus), args.reads)
+    times = []
+    for i in picks:
+        t = time.perf_counter()
+        corpus.read(int(i))
+        times.append(time.perf_counter() - t)
+    us = np.array(times) * 1e6
+    print(f"random access: mean {us.mean():.0f} µs, median {np.median(us):.0f} µs, p99 {np.percentile(us, 99):.0f} µs, "
+          f"max {us.max():.0f} µs over {args.reads:,} reads of {len(corpus):,} records")
+
+
+def bench_preflight(args):
+    """The preflight CLI over the generated corpus (index reused, every record parsed and checked; no audio)."""
+    path = corpus_file(args)
+    result, wall, rss = measured(
+        "import io, json, data\nout = io.StringIO()\n"
+        f"code = data.preflight([{str(path)!r}], cache_dir={str(args.workdir)!r}, out=out)\n"
+        "print(json.dumps({'code': code}))")
+    print(f"preflight: {args.records / wall:,.0f} records/s ({wall:.1f} s incl. start-up), peak RSS {rss:.0f} MB, "
+          f"exit code {result['code']}")
+
+
+def bench_loader(args):
+    """Batches/s of the DataLoader on the sample corpus: tiny tokenizer, 128-mel features made in workers."""
+    import data
+    import model
+
+    config = model.preset("tiny")
+    _, tokenizer = model.load_llm(config.llm)
+    features = data.load_feature_extractor(config.encoder)
+    corpus = data.Corpus(SAMPLE / "LLaSO-Instruct" / "merged" / "stage2_train.json", cache_dir=args.workdir)
+    dataset = data.LLaSODataset(corpus, tokenizer, features, SAMPLE / "audio")
+    micro_batch = 4
+    for workers in args.workers:
+        sampler = data.StepSampler(data.shuffled_order(len(corpus), 42, 0), micro_batch)
+        loader = iter(data.make_loader(dataset, sampler, workers))
+        next(loader)  # worker start-up is not part of the rate
+        n, t = 0, time.perf_counter()
+        for batch in loader:
+            n += 1
+            if n == args.batches:
+                break
+        rate = n / (time.perf_counter() - t)
+        print(f"loader, {workers} workers: {rate:.1f} batches/s of {micro_batch} records "
+              f"({rate * micro_batch:.0f} records/s, 1 chunk = 128x3000 log-mel each)")
+
+
+BENCHMARKS = {"index": bench_index, "access": bench_access, "preflight": bench_preflight, "loader": bench_loader}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmarks", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--records", type=int, help="records in the generated corpus (default 1M, --quick 100k)")
+    parser.add_argument("--reads", type=int, help="random reads (default 10k, --quick 1k)")
+    parser.add_argument("--batches", type=int, help="loader batches timed (default 30, --quick 8)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts to time")
+    parser.add_argument("--skip-json-load", action="store_true", help="skip the json.load comparison (~3 GB RAM)")
+    parser.add_argument("--workdir", help="where the generated corpus and indexes go (default: a temp dir)")
+    args = parser.parse_args(argv)
+    unknown = set(args.benchmarks) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    args.records = args.records or (100_000 if args.quick else 1_000_000)
+    args.reads = args.reads or (1_000 if args.quick else 10_000)
+    args.batches = args.batches or (8 if args.quick else 30)
+    with tempfile.TemporaryDirectory(prefix="llaso-bench-") as tmp:
+        args.workdir = args.workdir or tmp
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        for name in args.benchmarks or BENCHMARKS:
+            BENCHMARKS[name](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,657 @@
+"""LLaSO data, in the order it flows: record index → audio → features → prompt/labels → batch → sampler.
+
+The corpora (LLaSO-Align 12M records, LLaSO-Instruct 13.5M, LLaSO-Eval) are JSON arrays of several GB, or JSONL.
+The reference `json.load`s the whole list on every rank (~25 GB each). Here each corpus file is scanned once into a
+byte-offset index (21 bytes per record, cached beside the file and memory-mapped), and a record is parsed only when
+it is read: seek + `json.loads` of its slice. DataLoader workers share the index pages instead of copying records.
+
+Preflight check before a run (record counts per file and modality configuration, malformed records, missing audio):
+
+    python data.py sample/ --audio-root sample/audio
+    python data.py LLaSO-Instruct/ --audio-root /data/llaso/audio
+    python data.py LLaSO-Align/text_audio/ASR_stage1_train.json --audio-root /data/llaso/audio --cache-dir /scratch/idx
+
+Use from the training / evaluation scripts:
+
+    corpus = Corpus(paths)                                   # builds or reuses the indexes
+    dataset = LLaSODataset(corpus, tokenizer, feature_extractor, audio_root)      # eval: eval_mode=True
+    order = shuffled_order(len(corpus), seed, epoch)         # stage 2: grouped_order(corpus.lengths(), ...)
+    loader = make_loader(dataset, StepSampler(order, micro_batch, grad_accum, world, rank, start_step), workers)
+
+torch, transformers and model.py are imported inside the functions that need them: `import torch` alone costs
+~200 MB of RSS, and indexing / preflight must stay small.
+"""
+
+import argparse
+import array
+import hashlib
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from json.scanner import make_scanner
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+AUDIO = "<audio>"  # placeholder in human turns (same string as model.AUDIO)
+CONFIGS = ("(t,a)", "(a,t)", "(a)")  # modality configurations, SPEC 5.4; index code = position, -1 = unusable
+FOLDER_CONFIG = {"text_audio": 0, "audio_text": 1, "pure_audio": 2}
+
+# ---------------------------------------------------------------------------------------------------- record index
+
+INDEX_VERSION = 1
+INDEX_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u8"), ("chars", "<u4"), ("config", "i1")])
+HEADER_BYTES = 4096  # JSON header (format version, source size/mtime, record count), then the packed rows
+BLOCK_BYTES = 1 << 20  # corpus bytes read per step while indexing (larger is not faster)
+MAX_RECORD_BYTES = 16 << 20  # a "record" that does not parse within this many bytes is malformed JSON
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "llaso-mini"
+_SPACE = re.compile(r"[ \t\n\r]*")
+_SEPARATOR = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
+_MALFORMED = object()  # stands for a JSONL line that does not parse
+
+
+class CorpusError(ValueError):
+    """A corpus file that cannot be indexed at all (not JSON, not a list, broken JSON syntax)."""
+
+
+class RecordError(ValueError):
+    """A record that cannot be used. Raised with the reason; LLaSODataset prefixes file and record number."""
+
+
+def corpus_files(paths: list) -> list[Path]:
+    """JSON/JSONL files named by `paths`; a folder stands for every *.json / *.jsonl below it, sorted."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix in (".json", ".jsonl") and f.is_file())
+            if not found:
+                raise CorpusError(f"{p}: folder contains no .json or .jsonl corpus files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise CorpusError(f"{p}: corpus file or folder not found")
+    return files
+
+
+def file_config(path: Path) -> int | None:
+    """Modality configuration shared by a whole file: from its folder, else its name; None = decide per record."""
+    if path.parent.name in FOLDER_CONFIG:
+        return FOLDER_CONFIG[path.parent.name]
+    stem = re.sub(r"_(train|test|eval)$", "", path.stem)
+    if stem.endswith("_instruction_0"):
+        return 1
+    if stem.endswith("_end"):
+        return 2
+    return None
+
+
+def record_stats(record, config: int | None) -> tuple[int, int]:
+    """(characters of all turns, modality code) of one record — what the samplers and the preflight need."""
+    try:
+        turns = record["conversations"]
+        chars = sum([len(turn["value"]) for turn in turns])  # SPEC 7: characters, not tokens; audio ignored
+        if config is None:  # no folder or file-name hint: audio first = (a,t), else (t,a); (a) looks like (t,a)
+            human = turns[0]["value"] if turns[0]["from"] == "human" else turns[1]["value"]
+            config = 1 if human.lstrip().startswith(AUDIO) else 0
+        return chars, config
+    except (KeyError, TypeError, AttributeError, IndexError):
+        return 0, -1  # not a usable record; reading it later says why
+
+
+def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
+    """Yield (byte offset, byte length, parsed element) for each element of a top-level JSON array.
+
+    The file is read in 1 MB blocks decoded as latin-1: one character per byte, so the positions of the json
+    module's C scanner are byte offsets. JSON syntax is ASCII, so the scanner sees the true structure (and skips `}`
+    or `"` inside strings itself); only non-ASCII text comes out as UTF-8 bytes in disguise, so an element that
+    contains any is parsed again from its bytes. The scan yields exactly what json.load gives.
+    """
+    scan_once = make_scanner(json.JSONDecoder())
+    text, base, ascii_text, eof = "", 0, True, False  # text holds the file's bytes [base, base + len(text))
+
+    def refill(keep_from):  # drop text before keep_from, append the next block; returns keep_from's new position
+        nonlocal text, base, ascii_text, eof
+        data = f.read(BLOCK_BYTES)
+        eof = not data
+        text, base = text[keep_from:] + data.decode("latin-1"), base + keep_from
+        ascii_text = text.isascii()
+        return 0
+
+    def skip_space(pos):
+        while True:
+            pos = _SPACE.match(text, pos).end()
+            if pos < len(text) or eof:
+                return pos
+            pos = refill(pos)
+
+    pos = skip_space(refill(0))
+    pos = skip_space(pos + 3 if text.startswith("\xef\xbb\xbf", pos) else pos)  # tolerate a UTF-8 byte-order mark
+    if not text.startswith("[", pos):
+        raise CorpusError(f"{name}: expected '[' at the start: the file should hold one JSON list of records")
+    pos = skip_space(pos + 1)
+    if text.startswith("]", pos):
+        return
+    n = 0
+    while True:
+        try:
+            element, end = scan_once(text, pos)
+            if end == len(text) and not eof:  # a number might continue in the next block
+                raise StopIteration
+            if not ascii_text and not text[pos:end].isascii():
+                element = json.loads(text[pos:end].encode("latin-1"))
+        except (StopIteration, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            if eof or len(text) - pos > MAX_RECORD_BYTES or isinstance(error, UnicodeDecodeError):
+                detail = "no JSON value" if isinstance(error, StopIteration) else str(error)
+                raise CorpusError(f"{name}: malformed JSON in record {n} at byte {base + pos} ({detail}); "
+                                  "json.load cannot read this file either") from None
+            pos = skip_space(refill(pos))
+            continue
+        yield base + pos, end - pos, element
+        n += 1
+        separator = _SEPARATOR.match(text, end)
+        if separator is None:  # whitespace up to the block's end, ']', or a syntax error
+            pos = skip_space(end)
+            if text.startswith(",", pos):
+                separator = _SEPARATOR.match(text, pos)
+            elif text.startswith("]", pos):
+                return
+            else:
+                found = repr(text[pos : pos + 20]) if pos < len(text) else "end of file"
+                raise CorpusError(f"{name}: expected ',' or ']' after record {n - 1}, found {found}")
+        pos = separator.end()
+
+
+def scan_jsonl(f, name) -> Iterator[tuple[int, int, object]]:
+    """Yield (byte offset, byte length, parsed line) per non-empty line; a broken line is indexed as malformed."""
+    offset = 0
+    for line in f:
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = _MALFORMED
+            yield offset, len(line.rstrip(b"\r\n")), record
+        offset += len(line)
+
+
+def scan_records(f, path: Path):
+    """JSONL if the name ends in .jsonl or the first character opens an object, else one JSON list."""
+    head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    f.seek(0)
+    jsonl = path.suffix == ".jsonl" or head.startswith(b"{")
+    return scan_jsonl(f, path) if jsonl else scan_json_array(f, path)
+
+
+def index_path(corpus_file: Path, cache_dir=None) -> Path:
+    """Beside the corpus (`x.json.idx`) if that folder is writable and no cache_dir is given, else in cache_dir."""
+    if cache_dir is None and os.access(corpus_file.resolve().parent, os.W_OK):
+        return corpus_file.with_name(corpus_file.name + ".idx")
+    tag = hashlib.sha1(str(corpus_file.resolve()).encode()).hexdigest()[:12]  # same names occur in several folders
+    return Path(cache_dir or DEFAULT_CACHE_DIR) / f"{corpus_file.name}.{tag}.idx"
+
+
+def _source_stamp(corpus_file: Path) -> dict:
+    st = corpus_file.stat()
+    return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def build_index(corpus_file: Path, index_file: Path) -> None:
+    """Scan a corpus file once and write its index (to a temporary name, then renamed: ranks may race)."""
+    stamp, config = _source_stamp(corpus_file), file_config(corpus_file)
+    index_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index_file.with_name(f"{index_file.name}.tmp{os.getpid()}")
+    columns = [array.array(code) for code in "QQIb"]  # offset, length, chars, config: compact while scanning
+    count = 0
+
+    def flush():  # written every 64k records so that memory stays flat however large the corpus
+        nonlocal count
+        rows = np.empty(len(columns[0]), INDEX_DTYPE)
+        for name, column in zip(INDEX_DTYPE.names, columns):
+            rows[name] = column
+            del column[:]
+        out.write(rows.tobytes())
+        count += len(rows)
+
+    try:
+        with open(corpus_file, "rb") as f, open(tmp, "wb") as out:
+            out.write(bytes(HEADER_BYTES))
+            offsets, lengths, chars, configs = columns
+            for offset, length, record in scan_records(f, corpus_file):
+                n_chars, code = record_stats(record, config)
+                offsets.append(offset)
+                lengths.append(length)
+                chars.append(n_chars)
+                configs.append(code)
+                if len(offsets) == 1 << 16:
+                    flush()
+            flush()
+            out.seek(0)
+            out.write(json.dumps({**stamp, "records": count}).encode().ljust(HEADER_BYTES))
+        os.replace(tmp, index_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_header(index_file: Path) -> dict | None:
+    try:
+        with open(index_file, "rb") as f:
+            return json.loads(f.read(HEADER_BYTES).rstrip(b"\0 "))
+    except (OSError, ValueError):
+        return None
+
+
+def load_index(corpus_file: Path, cache_dir=None) -> np.ndarray:
+    """The memory-mapped index of one corpus file, rebuilt first if missing or if the file's size or mtime changed."""
+    corpus_file, index_file = Path(corpus_file), index_path(Path(corpus_file), cache_dir)
+    header = _read_header(index_file)
+    if header is None or {k: header.get(k) for k in ("version", "size", "mtime_ns")} != _source_stamp(corpus_file):
+        build_index(corpus_file, index_file)
+        header = _read_header(index_file)
+    if header["records"] == 0:
+        return np.zeros(0, INDEX_DTYPE)
+    return np.memmap(index_file, INDEX_DTYPE, "r", offset=HEADER_BYTES, shape=(header["records"],))
+
+
+class Corpus:
+    """All records of one or more corpus files, numbered 0..N-1 in file order, parsed only when read.
+
+    "record k of a file" always means position k (0-based) in the list that json.load would return.
+    """
+
+    def __init__(self, paths, cache_dir=None):
+        self.files = corpus_files([paths] if isinstance(paths, (str, Path)) else paths)
+        self.cache_dir = cache_dir
+        self.indexes = [load_index(f, cache_dir) for f in self.files]
+        self.starts = np.cumsum([0] + [len(ix) for ix in self.indexes])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def _file_and_record(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} is outside the corpus' 0..{len(self) - 1}")
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return k, i - int(self.starts[k])
+
+    def locate(self, i: int) -> tuple[Path, int]:
+        """(file, record number in that file) of global record i."""
+        k, record_no = self._file_and_record(i)
+        return self.files[k], record_no
+
+    def read(self, i: int) -> dict:
+        """Parse record i. A malformed JSONL line raises RecordError."""
+        k, record_no = self._file_and_record(i)
+        row = self.indexes[k][record_no]
+        with open(self.files[k], "rb") as f:  # opened per read: safe in forked workers, ~10 µs
+            f.seek(int(row["offset"]))
+            raw = f.read(int(row["length"]))
+        try:
+            return json.loads(raw)
+        except ValueError as error:
+            raise RecordError(f"malformed JSON ({error})") from None
+
+    def lengths(self) -> np.ndarray:
+        """Characters of all turns per record (the grouped sampler's "length")."""
+        return np.concatenate([ix["chars"] for ix in self.indexes]).astype(np.int64)
+
+    def configs(self) -> np.ndarray:
+        """Modality code per record: index into CONFIGS, -1 = unusable record."""
+        return np.concatenate([ix["config"] for ix in self.indexes])
+
+    def __getstate__(self):  # workers started by spawn re-open the memory maps instead of receiving a copy
+        return {"files": self.files, "cache_dir": self.cache_dir}
+
+    def __setstate__(self, state):
+        self.__init__(state["files"], state["cache_dir"])
+
+
+# ---------------------------------------------------------------------------------------------------- record checks
+
+
+def conversation(record, require_answer: bool = True) -> tuple[str, str | None]:
+    """(human text, answer) of a single-turn record (SPEC 4.5); answer is None if absent and not required."""
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+        raise RecordError("expected 'conversations': a list of {'from': ..., 'value': <text>} turns")
+    roles = [t.get("from") for t in turns]
+    if roles and roles[0] != "human":  # the reference drops a leading non-human turn
+        turns, roles = turns[1:], roles[1:]
+    if roles not in (["human", "gpt"], ["human"]) or (require_answer and roles != ["human", "gpt"]):
+        raise RecordError(f"expected one 'human' turn then one 'gpt' turn, found roles {roles}")
+    answer = turns[1]["value"] if len(turns) == 2 else None
+    if require_answer and not answer.strip():
+        raise RecordError("empty answer (gpt turn)")
+    return turns[0]["value"], answer
+
+
+def voice_paths(record, human: str) -> list[str]:
+    """The record's audio paths, one per <audio> placeholder (a bare string counts as a one-element list)."""
+    voice = record.get("voice")
+    voice = [voice] if isinstance(voice, str) else voice
+    if not isinstance(voice, list) or not all(isinstance(v, str) and v for v in voice):
+        raise RecordError("expected 'voice': a list of audio paths")
+    if not voice:
+        raise RecordError("record has no audio ('voice' is empty); every LLaSO record has audio")
+    if human.count(AUDIO) != len(voice):
+        raise RecordError(f"{human.count(AUDIO)} '{AUDIO}' placeholders in the human turn but {len(voice)} "
+                          "'voice' files; they must match one to one")
+    return voice
+
+
+# ---------------------------------------------------------------------------------------------------- audio
+
+SAMPLE_RATE = 16_000
+CHUNK = 30 * SAMPLE_RATE  # 480,000 samples: one Whisper window
+MAX_CHUNKS = 20  # 10 minutes per file, as the reference
+
+
+def resolve_audio(audio_root, path: str) -> Path:
+    """Corpus paths mix '/' and Windows '\\' and are relative to an audio root."""
+    return Path(audio_root) / path.replace("\\", "/")
+
+
+def load_audio(path: Path) -> np.ndarray:
+    """Mono float32 at 16 kHz, as the reference gets from librosa.load (channel mean, then soxr 'HQ')."""
+    if not path.is_file():
+        raise RecordError(f"audio file not found: {path} (check --audio-root)")
+    try:
+        x, sr = sf.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as error:  # libsndfile errors are RuntimeErrors
+        raise RecordError(f"unreadable audio file {path}: {error}") from None
+    if x.shape[0] == 0:
+        raise RecordError(f"empty audio file (0 samples): {path}")
+    x = x.mean(axis=1)
+    if not np.isfinite(x).all():
+        raise RecordError(f"audio file contains NaN or infinite samples: {path}")
+    if sr != SAMPLE_RATE:
+        x = soxr.resample(x, sr, SAMPLE_RATE, quality="HQ")
+    return x.astype(np.float32, copy=False)
+
+
+def split_chunks(x: np.ndarray, compat: bool = False, max_chunks: int = MAX_CHUNKS) -> tuple[list, int]:
+    """(30 s chunks, number of chunks dropped beyond max_chunks).
+
+    Default: exact 480,000-sample chunks (30 s is one chunk, 30 s + 1 sample two).
+    compat: the reference's slices of 480,001 samples (SPEC 2); the feature extractor truncates each to 480,000,
+    so one sample per full chunk is lost.
+    """
+    step = CHUNK + 1 if compat else CHUNK
+    chunks = [x[start : start + step] for start in range(0, len(x), step)]
+    return chunks[:max_chunks], max(0, len(chunks) - max_chunks)
+
+
+# ---------------------------------------------------------------------------------------------------- features
+
+
+def load_feature_extractor(encoder_dir=None):
+    """Whisper's log-mel front end: from the encoder checkpoint if it has one, else large-v3 settings (128 mels)."""
+    from transformers import WhisperFeatureExtractor
+
+    if encoder_dir is not None and (Path(encoder_dir) / "preprocessor_config.json").is_file():
+        return WhisperFeatureExtractor.from_pretrained(encoder_dir)
+    return WhisperFeatureExtractor(feature_size=128)
+
+
+def log_mel(chunks: list, feature_extractor) -> np.ndarray:
+    """[n_chunks, n_mels, 3000]: each chunk zero-padded (or cut) to 30 s before the STFT, as the reference."""
+    features = feature_extractor(chunks, sampling_rate=SAMPLE_RATE, padding="max_length", max_length=CHUNK,
+                                 truncation=True, return_tensors="np")
+    return features["input_features"].astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------------- dataset + batch
+
+
+class LLaSODataset:
+    """Map-style dataset (for torch's DataLoader): record i → token ids, labels, log-mels of its audio.
+
+    A record that cannot be used comes back as an item with "error" set (the reason) and collate moves it to the
+    batch's "skipped" list as (file, record number, reason): training skips and counts it, evaluation writes an error
+    entry — no record disappears silently. strict=True raises RecordError (naming file and record) instead.
+    eval_mode=True builds generation prompts (answer=None) and does not require a gold answer.
+    """
+
+    def __init__(self, corpus: Corpus, tokenizer, feature_extractor, audio_root, max_len: int = 2048,
+                 eval_mode: bool = False, strict: bool = False, compat_chunks: bool = False,
+                 max_chunks: int = MAX_CHUNKS):
+        import model  # torch + transformers: only once records are tokenised
+
+        self.corpus, self.tokenizer, self.feature_extractor = corpus, tokenizer, feature_extractor
+        self.audio_root, self.max_len, self.eval_mode, self.strict = Path(audio_root), max_len, eval_mode, strict
+        self.compat_chunks, self.max_chunks = compat_chunks, max_chunks
+        self.tokenize, self.ignore = model.tokenize, model.IGNORE
+
+    def __len__(self):
+        return len(self.corpus)
+
+    def __getitem__(self, i: int) -> dict:
+        file, record_no = self.corpus.locate(i)
+        item = {"index": i, "file": str(file), "record_no": record_no, "record": None, "error": None, "cut": None,
+                "n_mels": self.feature_extractor.feature_size}
+        try:
+            item["record"] = self.corpus.read(i)
+            item.update(self.build(item["record"]))
+        except RecordError as error:
+            if self.strict:
+                raise RecordError(f"{file} record {record_no}: {error}. Fix or remove the record, or run without "
+                                  "--strict to skip such records.") from None
+            item["error"] = str(error)
+        return item
+
+    def build(self, record: dict) -> dict:
+        """Prompt ids, labels and log-mels of one parsed record; RecordError says why the record is unusable."""
+        human, answer = conversation(record, require_answer=not self.eval_mode)
+        voices = voice_paths(record, human)
+        try:
+            ids, labels = self.tokenize(self.tokenizer, human, None if self.eval_mode else answer, self.max_len)
+        except ValueError as error:  # e.g. max_len cuts off an <audio> placeholder
+            raise RecordError(f"cannot build the prompt: {error}") from None
+        if not self.eval_mode and all(label == self.ignore for label in labels):
+            raise RecordError(f"the prompt fills max_len={self.max_len} tokens; no answer token is left to learn")
+        chunks, audio_chunks, cut = [], [], []
+        for path in voices:
+            file_chunks, dropped = split_chunks(load_audio(resolve_audio(self.audio_root, path)),
+                                                self.compat_chunks, self.max_chunks)
+            chunks += file_chunks
+            audio_chunks.append(len(file_chunks))
+            if dropped:
+                cut.append(f"{path}: {dropped} chunk(s) of 30 s beyond {self.max_chunks} dropped")
+        return {"input_ids": ids, "labels": labels, "mels": log_mel(chunks, self.feature_extractor),
+                "audio_chunks": audio_chunks, "cut": "; ".join(cut) or None}
+
+
+def collate(items: list[dict]) -> dict:
+    """Batch in the format LLaSO.forward / generate expect (see the contract in model.py).
+
+    Usable records: "input_ids", "labels" (lists of 1-D LongTensors), "mels" [total_chunks, n_mels, 3000],
+    "audio_chunks" (chunks per audio file, in placeholder order), "records", "indices", "where" (file, record_no).
+    Dropped records: "skipped" [(file, record_no, reason)] and "skipped_records" (the record, None if unparsable).
+    "cut": [(file, record_no, what was cut)] for audio longer than max_chunks × 30 s.
+    """
+    import torch
+
+    good = [it for it in items if it["error"] is None]
+    bad = [it for it in items if it["error"] is not None]
+    mels = [it["mels"] for it in good]
+    return {
+        "input_ids": [torch.tensor(it["input_ids"], dtype=torch.long) for it in good],
+        "labels": [torch.tensor(it["labels"], dtype=torch.long) for it in good],
+        "mels": torch.from_numpy(np.concatenate(mels)) if mels else torch.zeros(0, items[0]["n_mels"], 3000),
+        "audio_chunks": torch.tensor([n for it in good for n in it["audio_chunks"]], dtype=torch.long),
+        "records": [it["record"] for it in good],
+        "indices": [it["index"] for it in good],
+        "where": [(it["file"], it["record_no"]) for it in good],
+        "skipped": [(it["file"], it["record_no"], it["error"]) for it in bad],
+        "skipped_records": [it["record"] for it in bad],
+        "cut": [(it["file"], it["record_no"], it["cut"]) for it in good if it["cut"]],
+    }
+
+
+def make_loader(dataset: LLaSODataset, batches, num_workers: int = 4):
+    """DataLoader over `batches` (a StepSampler, or any iterable of index lists); features are made in workers."""
+    import torch
+
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------------------------------------------- samplers
+#
+# An epoch's order is a pure function of (seed, epoch) — numpy's Generator seeded with the pair [seed, epoch].
+# Global batch t (one optimizer step) = order[t*G : (t+1)*G] with G = micro_batch × world_size × grad_accum, so it
+# does not depend on how many ranks share it. The incomplete last global batch is dropped: every rank runs the same
+# number of steps (a rank with fewer micro-batches would hang the others in all-reduce).
+
+
+def shuffled_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """Stage 1: a plain random permutation of the n records."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int, types=None) -> np.ndarray:
+    """Stage 2: the reference's modality+length grouping (SPEC 7), one megabatch = one optimizer step.
+
+    Per type: random permutation, stable sort by length descending (ties keep the random order), cut into
+    megabatches of global_batch records; the last partial megabatch of each type goes to a leftover pool. All full
+    megabatches are shuffled; the leftover pool, sorted by index, comes last (and is dropped with the incomplete last
+    global batch). "Type" is the reference's audio/image/text split: every LLaSO record has audio, so the default is
+    one type — "grouped by modality" then changes nothing and the grouping is by length only. Passing
+    types=corpus.configs() would group by modality configuration as well; that is not what the reference does.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    lengths = np.asarray(lengths, dtype=np.int64)
+    types = np.zeros(len(lengths), np.int8) if types is None else np.asarray(types)
+    megabatches, leftover = [np.zeros((0, global_batch), np.int64)], [np.zeros(0, np.int64)]
+    for t in np.unique(types):
+        idx = np.flatnonzero(types == t)
+        idx = idx[rng.permutation(len(idx))]
+        idx = idx[np.argsort(-lengths[idx], kind="stable")]
+        n_full = len(idx) // global_batch * global_batch
+        megabatches.append(idx[:n_full].reshape(-1, global_batch))
+        leftover.append(idx[n_full:])
+    megabatches = np.concatenate(megabatches)
+    return np.concatenate([megabatches[rng.permutation(len(megabatches))].ravel(), np.sort(np.concatenate(leftover))])
+
+
+class StepSampler:
+    """Batch sampler of one rank: its micro-batches of one epoch, from optimizer step `start_step` on.
+
+    Global batch t is cut into world_size × grad_accum micro-batches of micro_batch consecutive records, whatever
+    world_size is; rank r takes micro-batches r·grad_accum … (r+1)·grad_accum − 1 of it. So 2 ranks × accum a and
+    1 rank × accum 2a process exactly the same micro-batches. Resuming at a step is index arithmetic: skipped
+    records are never read.
+    """
+
+    def __init__(self, order: np.ndarray, micro_batch: int, grad_accum: int = 1, world_size: int = 1,
+                 rank: int = 0, start_step: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.order, self.micro_batch, self.grad_accum = np.asarray(order), micro_batch, grad_accum
+        self.rank, self.start_step = rank, start_step
+        self.global_batch = micro_batch * world_size * grad_accum
+        self.steps = len(self.order) // self.global_batch  # incomplete last global batch dropped
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step} is outside the epoch's 0..{self.steps} steps")
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's grad_accum micro-batches of optimizer step `step`."""
+        first = step * self.global_batch + self.rank * self.grad_accum * self.micro_batch
+        mine = self.order[first : first + self.grad_accum * self.micro_batch].reshape(self.grad_accum, -1)
+        return mine.tolist()
+
+    def __iter__(self):
+        for step in range(self.start_step, self.steps):
+            yield from self.micro_batches(step)
+
+    def __len__(self):
+        return (self.steps - self.start_step) * self.grad_accum
+
+
+# ---------------------------------------------------------------------------------------------------- preflight CLI
+
+
+def iter_file_records(path: Path, index: np.ndarray):
+    """(record number, record or RecordError) for every record of one file, reading it front to back."""
+    with open(path, "rb") as f:
+        for record_no, row in enumerate(index):
+            f.seek(int(row["offset"]))
+            raw = f.read(int(row["length"]))
+            try:
+                yield record_no, json.loads(raw)
+            except ValueError as error:
+                yield record_no, RecordError(f"malformed JSON ({error})")
+
+
+def check_audio(path: Path) -> str | None:
+    """Why the audio file is unusable (missing, unreadable, empty), or None. Header only, no decoding."""
+    if not path.is_file():
+        return "audio file not found"
+    try:
+        info = sf.info(path)
+    except (RuntimeError, OSError) as error:
+        return f"unreadable audio file ({error})"
+    return "empty audio file" if info.frames == 0 else None
+
+
+def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=sys.stdout) -> int:
+    """Print records per file and modality configuration, and every problem found; return the exit code."""
+    try:
+        corpus = Corpus(paths, cache_dir)
+    except CorpusError as error:
+        print(f"error: {error}", file=out)
+        return 2
+    problems = Counter()
+
+    def report(kind, where, reason):
+        problems[kind] += 1
+        if sum(problems.values()) <= max_listed:
+            print(f"{kind}: {where}: {reason}", file=out)
+
+    def table_row(counts, what):  # counts of config codes -1 (unusable), 0, 1, 2
+        print(f"{counts.sum():>10} " + " ".join(f"{n:>8}" for n in counts[1:]) + f" {counts[0]:>8}  {what}", file=out)
+
+    print(f"{'records':>10} " + " ".join(f"{c:>8}" for c in CONFIGS) + f" {'unusable':>8}  file", file=out)
+    totals = np.zeros(len(CONFIGS) + 1, np.int64)
+    for path, index in zip(corpus.files, corpus.indexes):
+        counts = np.bincount(index["config"].astype(np.int64) + 1, minlength=len(CONFIGS) + 1)
+        totals += counts
+        table_row(counts, path)
+        for record_no, record in iter_file_records(path, index):
+            try:
+                if isinstance(record, RecordError):
+                    raise record
+                voices = voice_paths(record, conversation(record)[0])
+            except RecordError as error:
+                report("malformed", f"{path} record {record_no}", error)
+                continue
+            for voice in voices if audio_root is not None else []:
+                reason = check_audio(resolve_audio(audio_root, voice))
+                if reason:
+                    report("audio", f"{path} record {record_no}", f"{reason}: {resolve_audio(audio_root, voice)}")
+    table_row(totals, f"total ({len(corpus.files)} files)")
+    if sum(problems.values()) > max_listed:
+        print(f"... only the first {max_listed} problems are listed", file=out)
+    print(f"malformed records: {problems['malformed']}, audio problems: {problems['audio']}"
+          + ("" if audio_root is not None else " (not checked: no --audio-root)"), file=out)
+    return 1 if problems else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Index LLaSO corpora and check them before a run.")
+    parser.add_argument("corpus", nargs="+", help="corpus JSON/JSONL files or folders (searched recursively)")
+    parser.add_argument("--audio-root", help="folder the 'voice' paths are relative to; checks that every file opens")
+    parser.add_argument("--cache-dir", help=f"where to keep indexes if not beside the corpus (default: beside it "
+                        f"if writable, else {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--max-listed", type=int, default=50, help="problems printed in full")
+    args = parser.parse_args(argv)
+    return preflight(args.corpus, args.audio_root, args.cache_dir, args.max_listed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
