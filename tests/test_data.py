@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -148,6 +149,9 @@ def test_index_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     corpus = D.Corpus(path, cache_dir=cache)
     assert len(corpus) == 5 and len(list(cache.glob("c.json.*.idx"))) == 1
+
+    state = pickle.dumps(corpus)  # what DataLoader workers started by spawn receive: paths, not the index
+    assert len(state) < 1000 and pickle.loads(state).read(4) == corpus.read(4)
 
 
 def test_indexing_does_not_hold_records_in_memory(tmp_path):
