@@ -1,6 +1,6 @@
 """Benchmarks of llaso-mini. Each one is a function below; main() runs the ones named on the command line.
 
-    python bench.py                    # every benchmark; data ones on a generated 1M-record corpus (~0.4 GB, temp dir)
+    python bench.py                    # every benchmark; data ones on a generated 1M-record corpus (0.4 GB, tmp)
     python bench.py --quick            # 100k records, fewer reads and batches
     python bench.py index access       # a selection: index, access, preflight, loader
 
@@ -26,9 +26,13 @@ SAMPLE = ROOT / "sample"
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
-INSTRUCTIONS = ["Please transcribe the audio.", "Transcribe the speech into text.", "What is the gender of the "
-                "speaker? Answer with one of: Male, Female.", "Which accent does the speaker have? Choose one of: "
-                "American, Canadian, English, Irish, Scottish.", "Listen to this audio carefully and share your answer."]
+INSTRUCTIONS = [
+    "Please transcribe the audio.",
+    "Transcribe the speech into text.",
+    "What is the gender of the speaker? Answer with one of: Male, Female.",
+    "Which accent does the speaker have? Choose one of: American, Canadian, English, Irish, Scottish.",
+    "Listen to this audio carefully and share your answer.",
+]
 WORDS = "the a of and to in is was he that it for on with as his they be at one have this from or had by".split()
 NON_ASCII = ["café", "naïve", "Zoë", "“quoted”", "São Paulo", "it’s"]
 
@@ -88,7 +92,8 @@ def bench_index(args):
     index = Path(args.workdir) / "bench.idx"
     build, _, rss = measured(
         "import json, time; from pathlib import Path; import data\n"
-        f"t = time.perf_counter(); c = time.process_time(); data.build_index(Path({str(path)!r}), Path({str(index)!r}))\n"
+        "t = time.perf_counter(); c = time.process_time()\n"
+        f"data.build_index(Path({str(path)!r}), Path({str(index)!r}))\n"
         "print(json.dumps({'wall': time.perf_counter() - t, 'cpu': time.process_time() - c}))")
     print(f"index build: {args.records / build['wall']:,.0f} records/s ({build['wall']:.1f} s wall, "
           f"{args.records / build['cpu']:,.0f} records/s of CPU time), peak RSS {rss:.0f} MB (whole process)")
@@ -97,9 +102,11 @@ def bench_index(args):
     if args.skip_json_load:
         return
     loaded, _, rss = measured(
-        f"import json, time\nt = time.perf_counter(); records = json.load(open({str(path)!r}, encoding='utf-8'))\n"
+        "import json, time\nt = time.perf_counter()\n"
+        f"records = json.load(open({str(path)!r}, encoding='utf-8'))\n"
         "print(json.dumps({'wall': time.perf_counter() - t}))")
-    print(f"json.load:   {args.records / loaded['wall']:,.0f} records/s ({loaded['wall']:.1f} s), peak RSS {rss:.0f} MB")
+    print(f"json.load:   {args.records / loaded['wall']:,.0f} records/s ({loaded['wall']:.1f} s), "
+          f"peak RSS {rss:.0f} MB")
 
 
 def bench_access(args):
@@ -116,8 +123,8 @@ def bench_access(args):
         corpus.read(int(i))
         times.append(time.perf_counter() - t)
     us = np.array(times) * 1e6
-    print(f"random access: mean {us.mean():.0f} µs, median {np.median(us):.0f} µs, p99 {np.percentile(us, 99):.0f} µs, "
-          f"max {us.max():.0f} µs over {args.reads:,} reads of {len(corpus):,} records")
+    print(f"random access: mean {us.mean():.0f} µs, median {np.median(us):.0f} µs, "
+          f"p99 {np.percentile(us, 99):.0f} µs, max {us.max():.0f} µs ({args.reads:,} reads of {len(corpus):,})")
 
 
 def bench_preflight(args):

@@ -60,7 +60,7 @@ class CorpusError(ValueError):
 
 
 class RecordError(ValueError):
-    """A record that cannot be used. Raised with the reason; LLaSODataset prefixes file and record number."""
+    """A record that cannot be used. Raised with the reason; LLaSODataset adds the file and record number."""
 
 
 def corpus_files(paths: list) -> list[Path]:
@@ -290,11 +290,7 @@ class Corpus:
         row = self.indexes[k][record_no]
         with open(self.files[k], "rb") as f:  # opened per read: safe in forked workers, ~10 µs
             f.seek(int(row["offset"]))
-            raw = f.read(int(row["length"]))
-        try:
-            return json.loads(raw)
-        except ValueError as error:
-            raise RecordError(f"malformed JSON ({error})") from None
+            return parse_record(f.read(int(row["length"])))
 
     def lengths(self) -> np.ndarray:
         """Characters of all turns per record (the grouped sampler's "length")."""
@@ -312,6 +308,13 @@ class Corpus:
 
 
 # ---------------------------------------------------------------------------------------------------- record checks
+
+
+def parse_record(raw: bytes) -> dict:
+    try:
+        return json.loads(raw)
+    except ValueError as error:  # only a JSONL line can be broken: a broken JSON list is refused when indexed
+        raise RecordError(f"malformed JSON ({error})") from None
 
 
 def conversation(record, require_answer: bool = True) -> tuple[str, str | None]:
@@ -576,16 +579,12 @@ class StepSampler:
 # ---------------------------------------------------------------------------------------------------- preflight CLI
 
 
-def iter_file_records(path: Path, index: np.ndarray):
-    """(record number, record or RecordError) for every record of one file, reading it front to back."""
+def iter_raw_records(path: Path, index: np.ndarray) -> Iterator[tuple[int, bytes]]:
+    """(record number, JSON bytes) of every record of one file, reading it front to back."""
     with open(path, "rb") as f:
         for record_no, row in enumerate(index):
             f.seek(int(row["offset"]))
-            raw = f.read(int(row["length"]))
-            try:
-                yield record_no, json.loads(raw)
-            except ValueError as error:
-                yield record_no, RecordError(f"malformed JSON ({error})")
+            yield record_no, f.read(int(row["length"]))
 
 
 def check_audio(path: Path) -> str | None:
@@ -622,18 +621,17 @@ def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=
         counts = np.bincount(index["config"].astype(np.int64) + 1, minlength=len(CONFIGS) + 1)
         totals += counts
         table_row(counts, path)
-        for record_no, record in iter_file_records(path, index):
+        for record_no, raw in iter_raw_records(path, index):  # one record at a time: memory stays flat
             try:
-                if isinstance(record, RecordError):
-                    raise record
+                record = parse_record(raw)
                 voices = voice_paths(record, conversation(record)[0])
             except RecordError as error:
                 report("malformed", f"{path} record {record_no}", error)
                 continue
-            for voice in voices if audio_root is not None else []:
-                reason = check_audio(resolve_audio(audio_root, voice))
+            for audio in [resolve_audio(audio_root, v) for v in voices] if audio_root is not None else []:
+                reason = check_audio(audio)
                 if reason:
-                    report("audio", f"{path} record {record_no}", f"{reason}: {resolve_audio(audio_root, voice)}")
+                    report("audio", f"{path} record {record_no}", f"{reason}: {audio}")
     table_row(totals, f"total ({len(corpus.files)} files)")
     if sum(problems.values()) > max_listed:
         print(f"... only the first {max_listed} problems are listed", file=out)
