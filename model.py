@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperConfig, WhisperFeatureExtractor
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,16 +281,26 @@ class LLaSO(nn.Module):
     def generate_ids(self, batch, max_new_tokens: int = 256) -> list[list[int]]:
         """Batched greedy decoding with a KV cache; each row stops at its own end-of-turn token.
 
-        Left padding with position ids that skip the pads makes a record's tokens independent of its batch.
+        Each prompt is prefilled alone (exactly the batch-1 computation; without a padding mask attention also
+        takes its causal fast path, ~3x faster on CPU), then the caches are left-padded into one batch. Position
+        ids that skip the pads make every decoding step independent of the batch too.
         """
         audio = self.encode_audio(batch["mels"].to(self.projector[0].weight.device))
         embeds, attention, _, positions = self.splice(batch, audio, left_pad=True)
+        width, lengths = embeds.shape[1], attention.sum(1).tolist()
+        rows = [self.llm(inputs_embeds=row[None, width - n :], use_cache=True, logits_to_keep=1)
+                for row, n in zip(embeds, lengths)]
+        pad = lambda kv, n: F.pad(kv, (0, 0, width - n, 0))  # [1, heads, n, d] -> [1, heads, width, d], zeros left
+        cache = DynamicCache([
+            (torch.cat([pad(r.past_key_values.layers[i].keys, n) for r, n in zip(rows, lengths)]),
+             torch.cat([pad(r.past_key_values.layers[i].values, n) for r, n in zip(rows, lengths)]))
+            for i in range(len(rows[0].past_key_values.layers))])
+        logits = torch.cat([r.logits[:, -1] for r in rows])
+        del rows
         eos = torch.tensor(self.eos_ids, device=embeds.device)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
-                       logits_to_keep=1)
         tokens, done = [], torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
         for _ in range(max_new_tokens):
-            next_token = out.logits[:, -1].argmax(-1)
+            next_token = logits.argmax(-1)
             tokens.append(next_token)
             done |= torch.isin(next_token, eos)
             if done.all():
@@ -298,7 +308,8 @@ class LLaSO(nn.Module):
             attention = torch.cat([attention, attention.new_ones(len(embeds), 1)], 1)
             positions = positions[:, -1:] + 1
             out = self.llm(input_ids=next_token[:, None], attention_mask=attention, position_ids=positions,
-                           past_key_values=out.past_key_values, use_cache=True)
+                           past_key_values=cache, use_cache=True)
+            logits, cache = out.logits[:, -1], out.past_key_values
         result = []
         for row in torch.stack(tokens, 1).tolist():
             stop = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
