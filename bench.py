@@ -2,8 +2,10 @@
 
     python bench.py                    # every benchmark; data ones on a generated 1M-record corpus (0.4 GB, tmp)
     python bench.py --quick            # 100k records, fewer reads and batches
-    python bench.py index access       # a selection: index, access, preflight, loader
+    python bench.py index access       # a selection: index, access, preflight, loader, eval
+    python bench.py eval --threads 1   # evaluation: batch 1 vs 16 (CPU, and CUDA if present)
 
+Evaluation target: batch 16 >= 3x the records/s of batch 1 with identical answers (tiny preset, 128 new tokens).
 Data targets (on the 1M-record file): index build >= 200k records/s, <= 150 MB peak RSS, random access <= 1 ms.
 Timings and peak RSS of the index build, json.load and the preflight come from separate processes (os.wait4
 reports each one's peak RSS, imports included), so one measurement cannot inflate another.
@@ -163,7 +165,56 @@ def bench_loader(args):
               f"({rate * micro_batch:.0f} records/s, 1 chunk = 128x3000 log-mel each)")
 
 
-BENCHMARKS = {"index": bench_index, "access": bench_access, "preflight": bench_preflight, "loader": bench_loader}
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+def bench_eval(args):
+    """Records/s of LLaSO-Eval generation (log-mels in a worker, encoder, prefill, greedy loop) at batch 1 and
+    batched, tiny preset with large random LLM weights, on the sample eval set; the answers must be identical.
+
+    Rates are steady state: model loading, worker start-up and the first batch's loading are not counted.
+    """
+    import torch
+
+    import data
+    import model
+
+    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    llaso = model.LLaSO.from_parts(model.preset("tiny"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # large weights: varied, input-dependent answers without near-ties (tests' sharpen)
+        for p in llaso.llm.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    corpus = data.Corpus(sorted((SAMPLE / "LLaSO-Eval").rglob("*_test.json")), cache_dir=args.workdir)
+    dataset = data.LLaSODataset(corpus, llaso.tokenizer, llaso.features, SAMPLE / "audio", eval_mode=True)
+    order = [i % len(corpus) for i in range(args.eval_records)]
+    for device in devices:
+        llaso = llaso.to(device, torch.bfloat16 if device == "cuda" else torch.float32)
+        answers, rates = {}, {}
+        for batch_size in (1, args.eval_batch):
+            loader = iter(data.make_loader(dataset, [order[b: b + batch_size] for b in
+                                                     range(0, len(order), batch_size)], args.eval_workers))
+            batch, out, t = next(loader), [], time.perf_counter()
+            while batch is not None:
+                out += llaso.generate_ids(batch, args.eval_tokens)
+                batch = next(loader, None)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            answers[batch_size], rates[batch_size] = out, len(order) / (time.perf_counter() - t)
+            print(f"eval {device}, batch {batch_size:>2}: {rates[batch_size]:6.2f} records/s "
+                  f"({sum(map(len, out)) / len(out):.0f} new tokens per record, {torch.get_num_threads()} threads, "
+                  f"{args.eval_workers} workers)")
+        differ = sum(a != b for a, b in zip(answers[1], answers[args.eval_batch]))
+        print(f"eval {device}: batch {args.eval_batch} is {rates[args.eval_batch] / rates[1]:.2f}x batch 1; "
+              f"{len(order) - differ} of {len(order)} answers identical")
+
+
+BENCHMARKS = {"index": bench_index, "access": bench_access, "preflight": bench_preflight, "loader": bench_loader,
+              "eval": bench_eval}
 
 
 def main(argv=None):
@@ -175,6 +226,11 @@ def main(argv=None):
     parser.add_argument("--reads", type=int, help="random reads (default 10k, --quick 1k)")
     parser.add_argument("--batches", type=int, help="loader batches timed (default 30, --quick 8)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts to time")
+    parser.add_argument("--eval-records", type=int, help="records generated per batch size (default 64, --quick 32)")
+    parser.add_argument("--eval-tokens", type=int, default=128, help="max new tokens per record in the eval bench")
+    parser.add_argument("--eval-batch", type=int, default=16, help="batch size compared with batch 1")
+    parser.add_argument("--eval-workers", type=int, default=1, help="DataLoader workers in the eval bench")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--skip-json-load", action="store_true", help="skip the json.load comparison (~3 GB RAM)")
     parser.add_argument("--workdir", help="where the generated corpus and indexes go (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -184,6 +240,7 @@ def main(argv=None):
     args.records = args.records or (100_000 if args.quick else 1_000_000)
     args.reads = args.reads or (1_000 if args.quick else 10_000)
     args.batches = args.batches or (8 if args.quick else 30)
+    args.eval_records = args.eval_records or (32 if args.quick else 64)
     with tempfile.TemporaryDirectory(prefix="llaso-bench-") as tmp:
         args.workdir = args.workdir or tmp
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")

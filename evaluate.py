@@ -870,6 +870,8 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
             if len(errors) > 20:
                 print(f"  ... and {len(errors) - 20} more (search the outputs for \"error\")", file=sys.stderr)
         print(f"{out}: {complete} of {len(files)} test files complete", file=sys.stderr)
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return complete, len(files), errors
 
 
