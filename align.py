@@ -414,7 +414,7 @@ def train(cfg: Config, stage: Stage):
             yield from D.make_loader(dataset, sampler, cfg.workers)
 
     batches = micro_batches(step)
-    stand_in = None  # a batch of silent audio, used with weight 0 when every record of a micro-batch is skipped
+    stand_in = None  # see stand_in_batch
     peak = peak_flops(cfg) * world if cuda else 0.0
     end = min(total, cfg.stop_after) if cfg.stop_after else total
     progress = tqdm(total=end, initial=step, disable=not master, desc=f"stage {stage.number}", dynamic_ncols=True)
@@ -433,7 +433,7 @@ def train(cfg: Config, stage: Stage):
             stats[3] += len(batch["skipped"])
             weight = 1.0
             if not batch["input_ids"]:  # every record unusable: keep the collectives in step, add nothing
-                stand_in = stand_in or silent_batch(model)
+                stand_in = stand_in or stand_in_batch(model)
                 batch, weight = stand_in, 0.0
             # Every LLaSO record has audio, so the projector always gets a gradient (no find_unused_parameters).
             assert all((ids == M.AUDIO_ID).any() for ids in batch["input_ids"]), "a record without <audio>"
@@ -500,7 +500,7 @@ def train(cfg: Config, stage: Stage):
     return model
 
 
-def silent_batch(model: M.LLaSO) -> dict:
+def stand_in_batch(model: M.LLaSO) -> dict:
     """A one-record stand-in (blank mels) for a zero-weight step when every record of a micro-batch was unusable."""
     ids, labels = M.tokenize(model.tokenizer, "Please transcribe the audio.<audio>", ".")
     return {"input_ids": [torch.tensor(ids)], "labels": [torch.tensor(labels)],
