@@ -48,16 +48,16 @@ def torchrun(script, args, nproc=2):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Stage 1: 8 Align records, global batch 4, two epochs = 4 steps (checkpoints at 2 and 4)
+# Stage 1: 4 Align records, global batch 2, two epochs = 4 steps (checkpoints at 2 and 4)
 
-STAGE1_ARGS = ["--batch-size", 2, "--grad-accum", 2, "--epochs", 2, "--save-every", 2, "--keep", 5, "--lr", 1e-2,
+STAGE1_ARGS = ["--batch-size", 1, "--grad-accum", 2, "--epochs", 2, "--save-every", 2, "--keep", 5, "--lr", 1e-2,
                "--warmup-ratio", 0.3]
 
 
 @pytest.fixture(scope="module")
 def stage1(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("stage1")
-    corpus = write_corpus(root / "data", ALIGN[:8])
+    corpus = write_corpus(root / "data", ALIGN[:4])
     out = root / "out"
     model = align.main(flags(tiny_dir, corpus, out, *STAGE1_ARGS))
     return corpus, out, model
@@ -179,14 +179,15 @@ def test_fsdp2_loss_equals_ddp(ddp2, stage1, stage2_corpus, tiny_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def memorised(stage1, tiny_dir, tmp_path_factory):
-    by_length = sorted({r["conversations"][1]["value"]: r for r in ALIGN}.values(),
-                       key=lambda r: len(r["conversations"][1]["value"]))
+    # Four short sentences, four voices, the same instruction: only the audio tells which answer is wanted.
+    clips = [ALIGN[i] for i in (21, 23, 7, 12)]
     records = [dict(r, conversations=[{"from": "human", "value": "Please transcribe the audio.<audio>"},
-                                      r["conversations"][1]]) for r in by_length[:4]]
+                                      r["conversations"][1]]) for r in clips]
+    assert len({r["metadata"]["speaker"] for r in records}) == 4
     root = tmp_path_factory.mktemp("memorise")
     corpus = write_corpus(root / "data", records)
     out = root / "out"
-    model = instruct.main(flags(tiny_dir, corpus, out, "--batch-size", 4, "--grad-accum", 1, "--epochs", 150,
+    model = instruct.main(flags(tiny_dir, corpus, out, "--batch-size", 1, "--grad-accum", 1, "--epochs", 75,
                                 "--lr", 3e-3, "--save-every", 1000, "--projector", stage1[1]))
     return records, out, model
 
@@ -200,7 +201,9 @@ def test_stage2_memorises_four_clips(memorised):
     dataset = D.LLaSODataset(corpus, model.tokenizer, model.features, SAMPLE / "audio", eval_mode=True)
     answers = model.generate(D.collate([dataset[i] for i in range(4)]), max_new_tokens=32)
     assert answers == [r["conversations"][1]["value"] for r in records]
-    assert losses(out)[len(losses(out))] < 0.05
+    # Last 4 steps = each clip once: below what knowing the 4 sentences without telling the clips apart allows
+    # (log 4 on the first token, ~0.1 per token).
+    assert sum(r["loss"] for r in log(out)[-4:]) / 4 < 0.07
 
 
 def test_stage2_trains_projector_and_llm_with_new_rows_never_the_encoder(memorised, stage1, tiny_config):
