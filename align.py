@@ -64,6 +64,7 @@ class Config:
     encoder: str = "openai/whisper-large-v3"
     llm: str = "meta-llama/Llama-3.2-3B-Instruct"
     projector: str = ""  # start from this projector (stage 2: the stage-1 output); empty = fresh init
+    init: str = ""  # stage 2: start from a whole model (a stage-2 artifact or the released LLaSO-Base checkpoint)
     out: str = "out/align"
     batch_size: int = 2  # micro-batch per device
     grad_accum: int = 32
@@ -103,6 +104,8 @@ HELP = {
     "encoder": "Whisper checkpoint: hub id or directory",
     "llm": "causal LM + tokenizer: hub id or directory",
     "projector": "stage-1 output directory (or its projector.safetensors) to start the projector from",
+    "init": "continue fine-tuning a whole model: a stage-2 artifact or the released LLaSO-Base checkpoint "
+            "(replaces --llm and --projector; --encoder gives its Whisper)",
     "out": "output directory: log.jsonl, checkpoints, the final model",
     "batch_size": "micro-batch per device",
     "grad_accum": "micro-batches per optimizer step on each device",
@@ -130,7 +133,7 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
     parser.add_argument("--preset", choices=["llaso", "tiny"], default="llaso",
                         help="llaso: the paper's models and recipe; tiny: tiny models on the sample corpus (CPU)")
     for f in fields(config_class):
-        if f.name in HELP and (f.name != "projector" or stage == 2):
+        if f.name in HELP and (f.name not in ("projector", "init") or stage == 2):
             flag = "--" + f.name.replace("_", "-")
             if f.type is bool:
                 parser.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
@@ -329,8 +332,12 @@ def train(cfg: Config, stage: Stage):
     if projector and Path(projector).is_dir():
         projector = str(Path(projector) / "projector.safetensors")
     half = torch.bfloat16 if cuda else torch.float32
-    model = M.LLaSO.from_parts(M.ModelConfig(encoder=cfg.encoder, llm=cfg.llm), projector=projector or None,
-                               encoder_dtype=half, llm_dtype=torch.float32 if stage.number == 2 else half)
+    llm_dtype = torch.float32 if stage.number == 2 else half
+    if cfg.init:
+        model = M.LLaSO.load(cfg.init, encoder=cfg.encoder, encoder_dtype=half, llm_dtype=llm_dtype)
+    else:
+        model = M.LLaSO.from_parts(M.ModelConfig(encoder=cfg.encoder, llm=cfg.llm), projector=projector or None,
+                                   encoder_dtype=half, llm_dtype=llm_dtype)
     model.requires_grad_(False)
     for module in stage.trainable(model):
         module.requires_grad_(True)
@@ -482,7 +489,7 @@ def train(cfg: Config, stage: Stage):
             full_state_dict=True, cpu_offload=True)).items() if k in names}
         if master:
             if cfg.fsdp:  # FSDP keeps only shards: put the gathered weights into an ordinary copy on the CPU
-                model = M.LLaSO.from_parts(model.config)
+                model = M.LLaSO.load(cfg.init, encoder=cfg.encoder) if cfg.init else M.LLaSO.from_parts(model.config)
                 model.load_state_dict(weights, strict=False)
             stage.save(model, out)
             print(f"wrote the stage-{stage.number} model to {out}")

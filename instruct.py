@@ -17,6 +17,11 @@ Several nodes, or GPUs under 80 GB: the same with FSDP2 (--fsdp shards weights, 
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 --rdzv_id=instruct \
         instruct.py --fsdp --projector /shared/out/align --data ... --audio-root ... --out /shared/out/instruct
 
+Continue fine-tuning the released model (or any stage-2 artifact) on your data:
+
+    torchrun --standalone --nproc_per_node=8 instruct.py --init LLaSO-Base-3.8B-Instruct \
+        --encoder openai/whisper-large-v3 --data my_data.json --audio-root /data/mine --out out/finetune
+
 The final model (projector.safetensors, llm/, llaso_config.json) loads with LLaSO.load(out) and evaluate.py.
 """
 
@@ -53,8 +58,8 @@ STAGE2 = align.Stage(
 
 def main(argv=None):
     cfg = align.parse_config(argv, stage=2, config_class=InstructConfig, doc=__doc__)
-    if not cfg.projector:
-        raise SystemExit("--projector is required: the stage-1 output directory (align.py --out)")
+    if not (cfg.projector or cfg.init):
+        raise SystemExit("--projector (the stage-1 output directory, align.py --out) or --init is required")
     return align.train(cfg, STAGE2)
 
 

@@ -205,6 +205,7 @@ class LLaSO(nn.Module):
         self.config, self.features, self.tokenizer = config, features, tokenizer
         self.encoder, self.projector, self.llm = encoder, projector, llm
         self.eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in EOS_TOKENS if t in tokenizer.get_vocab()]
+        self.own_encoder = False  # encoder weights that config.encoder does not hold: save() must write them
 
     @classmethod
     def from_parts(cls, config: ModelConfig, projector: str | None = None, encoder_dtype=torch.float32,
@@ -325,8 +326,8 @@ class LLaSO(nn.Module):
     def save(self, out_dir: str | Path, with_llm: bool, with_encoder: bool = False):
         """Stage-1 artifact: projector + config. Stage-2 artifact (with_llm): also the LLM and tokenizer.
 
-        with_encoder also writes the encoder as a Whisper-format folder (for a converted released checkpoint,
-        whose encoder weights came from the checkpoint itself).
+        with_encoder also writes the encoder as a Whisper-format folder; always done when the encoder weights came
+        from a checkpoint rather than from config.encoder (the released model, an artifact that carries one).
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +338,7 @@ class LLaSO(nn.Module):
             self.llm.save_pretrained(out / "llm")
             self.tokenizer.save_pretrained(out / "llm")
             config["llm"] = "llm"  # relative to the artifact directory
-        if with_encoder:
+        if with_encoder or self.own_encoder:
             (out / "encoder").mkdir(exist_ok=True)
             self.encoder.config.save_pretrained(out / "encoder")
             self.features.save_pretrained(out / "encoder")
@@ -363,7 +364,9 @@ class LLaSO(nn.Module):
         inside = lambda name: str(ckpt / name) if (ckpt / name).is_dir() and not Path(name).is_absolute() else name
         config.encoder = encoder or inside(config.encoder)
         config.llm = llm or (inside(config.llm) if stage == 2 else config.llm)
-        return cls.from_parts(config, str(ckpt / "projector.safetensors"), encoder_dtype, llm_dtype)
+        model = cls.from_parts(config, str(ckpt / "projector.safetensors"), encoder_dtype, llm_dtype)
+        model.own_encoder = not encoder and Path(config.encoder) == ckpt / "encoder"
+        return model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -437,7 +440,9 @@ def load_llava(cls, folder: Path, encoder: str | None, encoder_dtype, llm_dtype)
     projector = load_prefixed(make_projector(encoder_config.d_model, llama_config.hidden_size), folder,
                               LLAVA_PROJECTOR)
     config = ModelConfig(encoder=encoder, llm=str(folder), max_text_len=raw.get("tokenizer_model_max_length", 2048))
-    return cls(config, enc, features, projector.float(), llm, tokenizer)
+    model = cls(config, enc, features, projector.float(), llm, tokenizer)
+    model.own_encoder = encoder_prefix is not None
+    return model
 
 
 def projector_param_count(d_encoder: int = 1280, d_llm: int = 3072) -> int:
@@ -557,7 +562,7 @@ if __name__ == "__main__":
     parser.add_argument("--encoder", help="Whisper id or directory for --convert (default openai/whisper-large-v3)")
     args = parser.parse_args()
     if args.convert:
-        LLaSO.load(args.convert, encoder=args.encoder).save(args.out, with_llm=True, with_encoder=True)
+        LLaSO.load(args.convert, encoder=args.encoder).save(args.out, with_llm=True)
         print(f"wrote {args.out}")
     else:
         model = LLaSO.from_parts(preset(args.preset))

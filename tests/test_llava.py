@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import instruct
 import model as M
+from conftest import SAMPLE
 from test_model import RECORDS, full_logits, make_batch, sharpen
 
 
@@ -65,8 +67,9 @@ def test_conversion_to_a_stage2_artifact(released, tmp_path, tiny_config):
     model, tensors = released
     write_checkpoint(model, tmp_path / "LLaSO-Base", tensors)
     converted = tmp_path / "converted"
-    M.LLaSO.load(tmp_path / "LLaSO-Base", encoder=tiny_config.encoder).save(converted, with_llm=True, with_encoder=True)
+    M.LLaSO.load(tmp_path / "LLaSO-Base", encoder=tiny_config.encoder).save(converted, with_llm=True)
     direct = M.LLaSO.load(tmp_path / "LLaSO-Base", encoder=tiny_config.encoder)
+    assert (converted / "encoder" / "model.safetensors").exists()  # the checkpoint's encoder weights travel along
     again = M.LLaSO.load(converted)  # self-contained: encoder (from the checkpoint), LLM, tokenizer, projector
     batch = make_batch(model.tokenizer, RECORDS[:2], chunks=[1, 1])
     torch.testing.assert_close(full_logits(again, batch)[0], full_logits(direct, batch)[0], rtol=0, atol=0)
@@ -87,3 +90,20 @@ def test_a_checkpoint_that_does_not_fit_names_the_tensor(released, tmp_path, tin
     write_checkpoint(model, tmp_path / "bad", tensors)
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         M.LLaSO.load(tmp_path / "bad", encoder=tiny_config.encoder)
+
+
+def test_instruct_continues_fine_tuning_from_the_released_checkpoint(released, tmp_path, tiny_config):
+    """instruct.py --init starts from the released weights: after one step at LR 0 (warm-up) the stage-2 artifact
+    it writes is exactly the released model, not the base LLM + a fresh projector."""
+    model, tensors = released
+    write_checkpoint(model, tmp_path / "LLaSO-Base", tensors)
+    out = tmp_path / "finetune"
+    instruct.main(["--preset", "tiny", "--init", str(tmp_path / "LLaSO-Base"), "--encoder", tiny_config.encoder,
+                   "--llm", tiny_config.llm, "--data", str(SAMPLE / "LLaSO-Align/text_audio/ASR_stage1_train.json"),
+                   "--audio-root", str(SAMPLE / "audio"), "--out", str(out), "--workers", "0", "--batch-size", "1",
+                   "--grad-accum", "1", "--max-steps", "1"])
+    direct = M.LLaSO.load(tmp_path / "LLaSO-Base", encoder=tiny_config.encoder)
+    result = M.LLaSO.load(out)
+    for part in ["llm", "encoder", "projector"]:
+        want, got = getattr(direct, part).state_dict(), getattr(result, part).state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want), part
