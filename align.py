@@ -82,6 +82,7 @@ class Config:
     keep: int = 20
     resume: bool = False
     strict: bool = False
+    compat_chunks: bool = False  # the reference's 480,001-sample slicing of long audio (SPEC 2)
     workers: int = 4
     fsdp: bool = False
     peak_tflops: float = 0.0  # per-GPU bf16 peak for MFU; 0 = guess from the GPU name
@@ -120,6 +121,7 @@ HELP = {
     "keep": "how many of the newest checkpoints to keep",
     "resume": "continue from the newest checkpoint in --out (same batches, same losses)",
     "strict": "stop at the first unusable record instead of skipping and counting it",
+    "compat_chunks": "cut long audio as the reference does (480,001-sample slices, one sample lost per full chunk)",
     "workers": "DataLoader worker processes per device",
     "fsdp": "shard the LLM per decoder layer with FSDP2 (stage 2 on small GPUs) instead of plain DDP",
     "peak_tflops": "per-GPU peak bf16 TFLOP/s for the MFU column; 0 = guess from the GPU name",
@@ -354,7 +356,8 @@ def train(cfg: Config, stage: Stage):
     if distributed and master:
         dist.barrier()
     dataset = D.LLaSODataset(corpus, model.tokenizer, model.features, cfg.audio_root,
-                             max_len=model.config.max_text_len, strict=cfg.strict)
+                             max_len=model.config.max_text_len, strict=cfg.strict,
+                             compat_chunks=cfg.compat_chunks)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     steps_per_epoch = len(corpus) // global_batch  # the incomplete last global batch is dropped on every rank
     total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)

@@ -63,14 +63,15 @@ class RecordError(ValueError):
     """A record that cannot be used. Raised with the reason; LLaSODataset adds the file and record number."""
 
 
-def corpus_files(paths: list) -> list[Path]:
-    """JSON/JSONL files named by `paths`; a folder stands for every *.json / *.jsonl below it, sorted."""
+def corpus_files(paths: list, pattern: str = "*") -> list[Path]:
+    """JSON/JSONL files named by `paths`; a folder stands for every *.json / *.jsonl below it matching `pattern`,
+    sorted."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix in (".json", ".jsonl") and f.is_file())
+            found = sorted(f for f in p.rglob(pattern) if f.suffix in (".json", ".jsonl") and f.is_file())
             if not found:
-                raise CorpusError(f"{p}: folder contains no .json or .jsonl corpus files")
+                raise CorpusError(f"{p}: folder contains no {pattern} .json or .jsonl corpus files")
             files += found
         elif p.is_file():
             files.append(p)

@@ -673,17 +673,9 @@ PARTIAL = ".partial"  # RESULTS_DIR/.partial/<stem>.rank<r>.jsonl: {"i": record 
 
 def find_test_files(paths):
     """*_test.json under each folder (recursively) plus files named directly; stems must be unique."""
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(p.rglob("*_test.json"))
-            if not found:
-                raise ValueError(f"{p}: no *_test.json files in this folder or below")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ValueError(f"{p}: no such test file or folder")
+    from data import corpus_files
+
+    files = corpus_files(paths, "*_test.json")
     stems = [f.stem for f in files]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
@@ -803,7 +795,7 @@ def check_run(out, settings):
 
 
 def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max_new_tokens=256, workers=2,
-                   stop_after=None):
+                   stop_after=None, compat_chunks=False):
     """Greedy answers for every record of every test file, written to out/<stem>.json; resumable; torchrun-aware.
 
     Records are split across ranks by index stride within each file and sorted by length within a rank's share
@@ -818,11 +810,12 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
     rank, world, device = distributed()
     files, out = find_test_files(data), Path(out)
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
-    check_run(out, {"ckpt": str(Path(ckpt).resolve()), "encoder": encoder, "max_new_tokens": max_new_tokens})
+    check_run(out, {"ckpt": str(Path(ckpt).resolve()), "encoder": encoder, "max_new_tokens": max_new_tokens,
+                    "compat_chunks": compat_chunks})
     model = load_model(ckpt, encoder, device)
     corpus = Corpus(files, cache_dir=out / PARTIAL / "index")  # byte-offset index, so records are read one by one
     dataset = LLaSODataset(corpus, model.tokenizer, model.features, audio_root, max_len=model.config.max_text_len,
-                           eval_mode=True)
+                           eval_mode=True, compat_chunks=compat_chunks)
     lengths = corpus.lengths()
 
     batches, todo = [], {}  # todo: test file k -> records this rank still has to answer
@@ -933,6 +926,8 @@ def main(argv=None):
     gen.add_argument("--batch-size", type=int, default=16, help="records per generate call; 1 = the reference's "
                      "exact protocol (batched output is identical in fp32; bf16 may flip a token in rare near-ties)")
     gen.add_argument("--max-new-tokens", type=int, default=256, help="greedy decoding budget (reference: 256)")
+    gen.add_argument("--compat-chunks", action="store_true", help="the reference's 480,001-sample chunk slicing "
+                     "(drops one sample per full 30 s chunk); default: exact 30 s chunks")
     gen.add_argument("--workers", type=int, default=2, help="DataLoader workers reading audio and making log-mels")
     gen.add_argument("--preset", choices=["tiny"], help="tiny: defaults --ckpt out/instruct, --data sample/LLaSO-Eval, "
                      "--audio-root sample/audio, --out out/eval")
@@ -990,7 +985,8 @@ def main(argv=None):
         parser.error(f"generation needs {', '.join(missing)} (or --preset tiny)")
     try:
         complete, total, _ = generate_files(args.ckpt, args.data, args.audio_root, args.out, args.encoder,
-                                            args.batch_size, args.max_new_tokens, args.workers)
+                                            args.batch_size, args.max_new_tokens, args.workers,
+                                            compat_chunks=args.compat_chunks)
     except ValueError as error:
         sys.exit(f"error: {error}")
     if int(os.environ.get("RANK", 0)) != 0:
