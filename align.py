@@ -434,13 +434,16 @@ def train(cfg: Config, stage: Stage):
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.time()
-        stats = torch.zeros(4, dtype=torch.float64)  # loss sum, LLM positions, FLOPs, skipped records
+        stats = torch.zeros(5, dtype=torch.float64)  # loss sum, LLM positions, FLOPs, skipped records, audio cut
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             for file, record_no, reason in batch["skipped"]:
                 skipped.append((file, record_no, reason))
                 tqdm.write(f"[rank {rank}] skipped {file} record {record_no}: {reason}", file=sys.stderr)
             stats[3] += len(batch["skipped"])
+            for file, record_no, what in batch["cut"]:  # audio beyond 20 chunks (10 min) trains truncated
+                tqdm.write(f"[rank {rank}] audio cut in {file} record {record_no}: {what}", file=sys.stderr)
+            stats[4] += len(batch["cut"])
             weight = 1.0
             if not batch["input_ids"]:  # every record unusable: keep the collectives in step, add nothing
                 stand_in = stand_in or stand_in_batch(model)
@@ -456,7 +459,7 @@ def train(cfg: Config, stage: Stage):
                     loss = wrapped(batch)  # token mean of this micro-batch
                 (loss * weight / cfg.grad_accum).backward()  # mean over micro-batches; DDP averages ranks
             flops = batch_flops(model, batch, stage.number == 2) if peak else 0.0
-            stats += torch.tensor([loss.item(), sum(llm_positions(batch)), flops, 0.0], dtype=torch.float64) * weight
+            stats[:3] += torch.tensor([loss.item(), sum(llm_positions(batch)), flops], dtype=torch.float64) * weight
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         optimizer.step()
@@ -472,7 +475,7 @@ def train(cfg: Config, stage: Stage):
 
         record = {"step": step, "loss": stats[0].item() / (cfg.grad_accum * world), "lr": lr,
                   "grad_norm": norm.item(), "tokens_per_s": stats[1].item() / dt, "step_s": dt,
-                  "skipped": int(stats[3])}
+                  "skipped": int(stats[3]), "audio_cut": int(stats[4])}
         if peak:
             record["mfu"] = stats[2].item() / dt / peak
         if master:
