@@ -11,7 +11,6 @@ Reading order: prompt format -> tokens/labels -> encoder -> projector -> LLM + t
 """
 
 import json
-import math
 import os
 import shutil
 import tempfile
