@@ -59,6 +59,10 @@ class CorpusError(ValueError):
     """A corpus file that cannot be indexed at all (not JSON, not a list, broken JSON syntax)."""
 
 
+class SplitMiss(Exception):
+    """A parallel index build split a file inside a string; the file is indexed in one pass instead."""
+
+
 class RecordError(ValueError):
     """A record that cannot be used. Raised with the reason; LLaSODataset adds the file and record number."""
 
@@ -105,8 +109,11 @@ def record_stats(record, config: int | None) -> tuple[int, int]:
         return 0, -1  # not a usable record; reading it later says why
 
 
-def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
+def scan_json_array(f, name, start=None, stop=None) -> Iterator[tuple[int, int, object]]:
     """Yield (byte offset, byte length, parsed element) for each element of a top-level JSON array.
+
+    start/stop (the parallel build): begin at byte `start`, an element of the list, and end before the element at
+    byte `stop`; SplitMiss if no element starts exactly there (the split point was inside a string).
 
     The file is read in 1 MB blocks decoded as latin-1: one character per byte, so the positions of the json
     module's C scanner are byte offsets. JSON syntax is ASCII, so the scanner sees the true structure (and skips `}`
@@ -131,15 +138,23 @@ def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
                 return pos
             pos = refill(pos)
 
-    pos = skip_space(refill(0))
-    pos = skip_space(pos + 3 if text.startswith("\xef\xbb\xbf", pos) else pos)  # tolerate a UTF-8 byte-order mark
-    if not text.startswith("[", pos):
-        raise CorpusError(f"{name}: expected '[' at the start: the file should hold one JSON list of records")
-    pos = skip_space(pos + 1)
-    if text.startswith("]", pos):
-        return
+    if start is None:
+        pos = skip_space(refill(0))
+        pos = skip_space(pos + 3 if text.startswith("\xef\xbb\xbf", pos) else pos)  # tolerate a UTF-8 byte-order mark
+        if not text.startswith("[", pos):
+            raise CorpusError(f"{name}: expected '[' at the start: the file should hold one JSON list of records")
+        pos = skip_space(pos + 1)
+        if text.startswith("]", pos):
+            return
+    else:
+        f.seek(start)
+        base, pos = start, refill(0)
     n = 0
     while True:
+        if stop is not None and base + pos >= stop:
+            if base + pos == stop:
+                return
+            raise SplitMiss(f"{name}: no record starts at byte {stop}")
         try:
             element, end = scan_once(text, pos)
             if end == len(text) and not eof:  # a number might continue in the next block
@@ -161,6 +176,8 @@ def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
             if text.startswith(",", pos):
                 separator = _SEPARATOR.match(text, pos)
             elif text.startswith("]", pos):
+                if stop is not None:
+                    raise SplitMiss(f"{name}: the list ended before byte {stop}")
                 return
             else:
                 found = repr(text[pos : pos + 20]) if pos < len(text) else "end of file"
@@ -202,11 +219,9 @@ def _source_stamp(corpus_file: Path) -> dict:
     return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def build_index(corpus_file: Path, index_file: Path) -> None:
-    """Scan a corpus file once and write its index (to a temporary name, then renamed: ranks may race)."""
-    stamp, config = _source_stamp(corpus_file), file_config(corpus_file)
-    index_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index_file.with_name(f"{index_file.name}.tmp{os.getpid()}")
+def write_rows(corpus_file: Path, out, start=None, stop=None) -> int:
+    """Scan [start, stop) of a corpus file and append its index rows to the open file `out`; returns the count."""
+    config = file_config(corpus_file)
     columns = [array.array(code) for code in "QQIb"]  # offset, length, chars, config: compact while scanning
     count = 0
 
@@ -219,19 +234,101 @@ def build_index(corpus_file: Path, index_file: Path) -> None:
         out.write(rows.tobytes())
         count += len(rows)
 
+    with open(corpus_file, "rb") as f:
+        offsets, lengths, chars, configs = columns
+        scan = scan_records(f, corpus_file) if start is None and stop is None else \
+            scan_json_array(f, corpus_file, start, stop)
+        for offset, length, record in scan:
+            n_chars, code = record_stats(record, config)
+            offsets.append(offset)
+            lengths.append(length)
+            chars.append(n_chars)
+            configs.append(code)
+            if len(offsets) == 1 << 16:
+                flush()
+        flush()
+    return count
+
+
+PARALLEL_BYTES = 64 << 20  # JSON lists at least this large are indexed by one process per core
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def split_points(corpus_file: Path, parts: int) -> list[int]:
+    """Likely record starts near k/parts of the file: '}', ',', then '{' and the first key of the first record (a
+    nested object starts with other keys). A match inside a string is caught later, when the previous part's scan
+    fails to end exactly there (SplitMiss)."""
+    size, points = corpus_file.stat().st_size, []
+    with open(corpus_file, "rb") as f:
+        first = next(scan_json_array(f, corpus_file), (0, 0, None))[2]
+        if not isinstance(first, dict) or not first:
+            return []
+        key = json.dumps(next(iter(first))).encode()
+        boundary = re.compile(rb"\}[ \t\r\n]*,[ \t\r\n]*(\{)[ \t\r\n]*" + re.escape(key))
+        for k in range(1, parts):
+            f.seek(k * size // parts)
+            found = boundary.search(f.read(MAX_RECORD_BYTES))
+            if found and k * size // parts + found.start(1) > (points or [0])[-1]:
+                points.append(k * size // parts + found.start(1))
+    return points
+
+
+def index_part(args) -> tuple[str, int]:
+    corpus_file, part_file, start, stop = args
+    with open(part_file, "wb") as out:
+        return part_file, write_rows(Path(corpus_file), out, start, stop)
+
+
+def write_rows_parallel(corpus_file: Path, out, tmp: Path) -> int | None:
+    """Index a large JSON list in parts, one process per core; None if it is small, JSONL, or a split missed.
+
+    Part k scans from a candidate record start to the next one; it must end exactly there, so each part begins at
+    a true record start (part 0 begins at the list's start) and the rows are exactly those of one sequential scan.
+    """
+    cores = usable_cores()
+    if cores < 2 or corpus_file.stat().st_size < PARALLEL_BYTES or corpus_file.suffix == ".jsonl":
+        return None
+    points = split_points(corpus_file, cores)
+    if not points:
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    bounds = list(zip([None] + points, points + [None]))
+    jobs = [(str(corpus_file), f"{tmp}.part{k}", start, stop) for k, (start, stop) in enumerate(bounds)]
+    try:  # fork, as torch's DataLoader workers: the parts run only this module's pure-Python scan
+        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(index_part, jobs))
+        count = 0
+        for part_file, n in parts:
+            with open(part_file, "rb") as part:
+                while block := part.read(1 << 24):
+                    out.write(block)
+            count += n
+        return count
+    except (SplitMiss, CorpusError):  # a corpus error is reported with its true record number by the serial scan
+        out.seek(HEADER_BYTES)
+        out.truncate()
+        return None
+    finally:
+        for _, part_file, _, _ in jobs:
+            Path(part_file).unlink(missing_ok=True)
+
+
+def build_index(corpus_file: Path, index_file: Path) -> None:
+    """Scan a corpus file once and write its index (to a temporary name, then renamed: ranks may race)."""
+    stamp = _source_stamp(corpus_file)
+    index_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index_file.with_name(f"{index_file.name}.tmp{os.getpid()}")
     try:
-        with open(corpus_file, "rb") as f, open(tmp, "wb") as out:
+        with open(tmp, "wb") as out:
             out.write(bytes(HEADER_BYTES))
-            offsets, lengths, chars, configs = columns
-            for offset, length, record in scan_records(f, corpus_file):
-                n_chars, code = record_stats(record, config)
-                offsets.append(offset)
-                lengths.append(length)
-                chars.append(n_chars)
-                configs.append(code)
-                if len(offsets) == 1 << 16:
-                    flush()
-            flush()
+            count = write_rows_parallel(corpus_file, out, tmp)
+            if count is None:
+                count = write_rows(corpus_file, out)
             out.seek(0)
             out.write(json.dumps({**stamp, "records": count}).encode().ljust(HEADER_BYTES))
         os.replace(tmp, index_file)
