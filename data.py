@@ -251,6 +251,7 @@ def write_rows(corpus_file: Path, out, start=None, stop=None) -> int:
 
 
 PARALLEL_BYTES = 64 << 20  # JSON lists at least this large are indexed by one process per core
+MAX_PARTS = 16  # a big node has 100+ cores; more parts than this gain little and each holds ~30 MB
 
 
 def usable_cores() -> int:
@@ -288,7 +289,7 @@ def write_rows_parallel(corpus_file: Path, out, tmp: Path) -> int | None:
     Part k scans from a candidate record start to the next one; it must end exactly there, so each part begins at
     a true record start (part 0 begins at the list's start) and the rows are exactly those of one sequential scan.
     """
-    cores = usable_cores()
+    cores = min(usable_cores(), MAX_PARTS)
     if cores < 2 or corpus_file.stat().st_size < PARALLEL_BYTES or corpus_file.suffix == ".jsonl":
         return None
     points = split_points(corpus_file, cores)
