@@ -61,8 +61,8 @@ SAMPLE = ROOT / "sample"
 class Config:
     data: list = field(default_factory=list)  # corpus files or folders (required for the llaso preset)
     audio_root: str = ""  # folder the records' "voice" paths are relative to
-    encoder: str = "openai/whisper-large-v3"
-    llm: str = "meta-llama/Llama-3.2-3B-Instruct"
+    encoder: str = M.ModelConfig.encoder  # the paper's Whisper-large-v3
+    llm: str = M.ModelConfig.llm  # the paper's Llama-3.2-3B-Instruct
     projector: str = ""  # start from this projector (stage 2: the stage-1 output); empty = fresh init
     init: str = ""  # stage 2: start from a whole model (a stage-2 artifact or the released LLaSO-Base checkpoint)
     out: str = "out/align"

@@ -507,6 +507,20 @@ def log_mel(chunks: list, feature_extractor) -> np.ndarray:
     return features["input_features"].astype(np.float32, copy=False)
 
 
+def audio_features(paths, feature_extractor, audio_root="", compat: bool = False, max_chunks: int = MAX_CHUNKS):
+    """(log-mels [n_chunks, n_mels, 3000] of all files, chunks per file, what was cut) for a list of audio paths."""
+    chunks, audio_chunks, cut = [], [], []
+    for path in paths:
+        file_chunks, dropped = split_chunks(load_audio(resolve_audio(audio_root, path)), compat, max_chunks)
+        chunks += file_chunks
+        audio_chunks.append(len(file_chunks))
+        if dropped:
+            cut.append(f"{path}: {dropped} chunk(s) of 30 s beyond {max_chunks} dropped")
+    mels = log_mel(chunks, feature_extractor) if chunks else np.zeros((0, feature_extractor.feature_size, 3000),
+                                                                       np.float32)
+    return mels, audio_chunks, cut
+
+
 # ---------------------------------------------------------------------------------------------------- dataset + batch
 
 
@@ -556,16 +570,10 @@ class LLaSODataset:
             raise RecordError(f"cannot build the prompt: {error}") from None
         if not self.eval_mode and all(label == self.ignore for label in labels):
             raise RecordError(f"the prompt fills max_len={self.max_len} tokens; no answer token is left to learn")
-        chunks, audio_chunks, cut = [], [], []
-        for path in voices:
-            file_chunks, dropped = split_chunks(load_audio(resolve_audio(self.audio_root, path)),
-                                                self.compat_chunks, self.max_chunks)
-            chunks += file_chunks
-            audio_chunks.append(len(file_chunks))
-            if dropped:
-                cut.append(f"{path}: {dropped} chunk(s) of 30 s beyond {self.max_chunks} dropped")
-        return {"input_ids": ids, "labels": labels, "mels": log_mel(chunks, self.feature_extractor),
-                "audio_chunks": audio_chunks, "cut": "; ".join(cut) or None}
+        mels, audio_chunks, cut = audio_features(voices, self.feature_extractor, self.audio_root,
+                                                 self.compat_chunks, self.max_chunks)
+        return {"input_ids": ids, "labels": labels, "mels": mels, "audio_chunks": audio_chunks,
+                "cut": "; ".join(cut) or None}
 
 
 def collate(items: list[dict]) -> dict:

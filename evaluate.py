@@ -888,22 +888,16 @@ def answer_one(model, prompt=None, audio=(), max_new_tokens=256):
     import torch
 
     import model as M
-    from data import RecordError, load_audio, log_mel, split_chunks
+    from data import RecordError, audio_features
 
     ids, labels = M.tokenize(model.tokenizer, human_turn(prompt, len(audio)), None, model.config.max_text_len)
-    chunks, counts = [], []
-    for path in audio:
-        try:
-            file_chunks, dropped = split_chunks(load_audio(Path(path)))
-        except RecordError as error:
-            raise SystemExit(str(error)) from None
-        if dropped:
-            print(f"warning: {path}: {dropped} chunk(s) of 30 s beyond the limit dropped", file=sys.stderr)
-        chunks += file_chunks
-        counts.append(len(file_chunks))
-    n_mels = model.features.feature_size
-    mels = torch.from_numpy(log_mel(chunks, model.features)) if chunks else torch.zeros(0, n_mels, 3000)
-    batch = {"input_ids": [torch.tensor(ids)], "labels": [torch.tensor(labels)], "mels": mels,
+    try:
+        mels, counts, cut = audio_features([str(p) for p in audio], model.features)
+    except RecordError as error:
+        raise SystemExit(str(error)) from None
+    for line in cut:
+        print(f"warning: {line}", file=sys.stderr)
+    batch = {"input_ids": [torch.tensor(ids)], "labels": [torch.tensor(labels)], "mels": torch.from_numpy(mels),
              "audio_chunks": torch.tensor(counts, dtype=torch.long)}
     with torch.inference_mode():
         return model.generate(batch, max_new_tokens)[0]

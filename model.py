@@ -322,11 +322,11 @@ class LLaSO(nn.Module):
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
     # ---- checkpoints
-    def save(self, out_dir: str | Path, with_llm: bool, with_encoder: bool = False):
+    def save(self, out_dir: str | Path, with_llm: bool):
         """Stage-1 artifact: projector + config. Stage-2 artifact (with_llm): also the LLM and tokenizer.
 
-        with_encoder also writes the encoder as a Whisper-format folder; always done when the encoder weights came
-        from a checkpoint rather than from config.encoder (the released model, an artifact that carries one).
+        An encoder whose weights came from a checkpoint rather than from config.encoder (the released model, an
+        artifact that carries one) is written too, as a Whisper-format folder.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +337,7 @@ class LLaSO(nn.Module):
             self.llm.save_pretrained(out / "llm")
             self.tokenizer.save_pretrained(out / "llm")
             config["llm"] = "llm"  # relative to the artifact directory
-        if with_encoder or self.own_encoder:
+        if self.own_encoder:
             (out / "encoder").mkdir(exist_ok=True)
             self.encoder.config.save_pretrained(out / "encoder")
             self.features.save_pretrained(out / "encoder")
