@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,8 +185,9 @@ def bench_eval(args):
     devices = ["cpu"] + ["cuda"] * torch.cuda.is_available()
     if args.threads:
         torch.set_num_threads(args.threads)
+    config = model.preset("tiny")  # built (seeding torch) before the projector is drawn: same weights every run
     torch.manual_seed(0)
-    llaso = model.LLaSO.from_parts(model.preset("tiny"))
+    llaso = model.LLaSO.from_parts(config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # large weights: varied, input-dependent answers without near-ties (tests' sharpen)
         for p in llaso.llm.parameters():
@@ -196,22 +198,26 @@ def bench_eval(args):
     order = [i % len(corpus) for i in range(args.eval_records)]
     for device in devices:
         llaso = llaso.to(device, torch.bfloat16 if device == "cuda" else torch.float32)
-        answers, rates = {}, {}
-        for batch_size in (1, args.eval_batch):
-            loader = iter(data.make_loader(dataset, [order[b: b + batch_size] for b in
-                                                     range(0, len(order), batch_size)], args.eval_workers))
-            batch, out, t = next(loader), [], time.perf_counter()
-            while batch is not None:
-                out += llaso.generate_ids(batch, args.eval_tokens)
-                batch = next(loader, None)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            answers[batch_size], rates[batch_size] = out, len(order) / (time.perf_counter() - t)
-            print(f"eval {device}, batch {batch_size:>2}: {rates[batch_size]:6.2f} records/s "
-                  f"({sum(map(len, out)) / len(out):.0f} new tokens per record, {torch.get_num_threads()} threads, "
-                  f"{args.eval_workers} workers)")
+        answers, rates = {}, {1: [], args.eval_batch: []}
+        for _ in range(args.eval_repeats):  # alternating, so a slow spell of a shared machine hits both sides
+            for batch_size in rates:
+                loader = iter(data.make_loader(dataset, [order[b: b + batch_size] for b in
+                                                         range(0, len(order), batch_size)], args.eval_workers))
+                batch, out, t = next(loader), [], time.perf_counter()
+                while batch is not None:
+                    out += llaso.generate_ids(batch, args.eval_tokens)
+                    batch = next(loader, None)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                answers[batch_size] = out
+                rates[batch_size].append(len(order) / (time.perf_counter() - t))
+        for batch_size, runs in rates.items():
+            print(f"eval {device}, batch {batch_size:>2}: {statistics.median(runs):6.2f} records/s median of "
+                  f"{', '.join(f'{r:.2f}' for r in runs)} ({sum(map(len, answers[batch_size])) / len(order):.0f} "
+                  f"new tokens per record, {torch.get_num_threads()} threads, {args.eval_workers} workers)")
         differ = sum(a != b for a, b in zip(answers[1], answers[args.eval_batch]))
-        print(f"eval {device}: batch {args.eval_batch} is {rates[args.eval_batch] / rates[1]:.2f}x batch 1; "
+        ratio = statistics.median(rates[args.eval_batch]) / statistics.median(rates[1])
+        print(f"eval {device}: batch {args.eval_batch} is {ratio:.2f}x batch 1 (medians); "
               f"{len(order) - differ} of {len(order)} answers identical")
 
 
@@ -231,6 +237,7 @@ def main(argv=None):
     parser.add_argument("--eval-records", type=int, help="records generated per batch size (default 64, --quick 32)")
     parser.add_argument("--eval-tokens", type=int, default=128, help="max new tokens per record in the eval bench")
     parser.add_argument("--eval-batch", type=int, default=16, help="batch size compared with batch 1")
+    parser.add_argument("--eval-repeats", type=int, help="timed runs per batch size (default 3, --quick 1)")
     parser.add_argument("--eval-workers", type=int, default=1, help="DataLoader workers in the eval bench")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--skip-json-load", action="store_true", help="skip the json.load comparison (~3 GB RAM)")
@@ -243,6 +250,7 @@ def main(argv=None):
     args.reads = args.reads or (1_000 if args.quick else 10_000)
     args.batches = args.batches or (8 if args.quick else 30)
     args.eval_records = args.eval_records or (32 if args.quick else 64)
+    args.eval_repeats = args.eval_repeats or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory(prefix="llaso-bench-") as tmp:
         args.workdir = args.workdir or tmp
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, WhisperConfig, WhisperFeatureExtractor
+from transformers.cache_utils import DynamicLayer
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,6 +192,36 @@ def load_llm(name_or_dir: str, dtype=torch.float32):
 # The model
 
 
+class PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache for batched decoding: the per-row prefills, left-padded with zeros to `width`, in a
+    buffer with room for `room` more positions. A step writes its column in place; keys/values are views of the
+    filled part, so attention sees exactly what a growing cache holds, without re-copying it every step."""
+
+    def __init__(self, prefills: list[DynamicLayer], width: int, room: int):
+        super().__init__()
+        k = prefills[0].keys
+        self.lazy_initialization(k, k)
+        self.buffers = [k.new_zeros(len(prefills), k.shape[1], width + room, k.shape[3]) for _ in "kv"]
+        for row, layer in enumerate(prefills):
+            n = layer.keys.shape[2]
+            self.buffers[0][row, :, width - n: width] = layer.keys[0]
+            self.buffers[1][row, :, width - n: width] = layer.values[0]
+        self.filled = width
+        self.keys, self.values = (b[:, :, :width] for b in self.buffers)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[2]
+        for buffer, new in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, self.filled: self.filled + n] = new
+        self.filled += n
+        self.keys, self.values = (b[:, :, :self.filled] for b in self.buffers)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        self.buffers = [b[indices] for b in self.buffers]
+        self.keys, self.values = (b[:, :, :self.filled] for b in self.buffers)
+
+
 @dataclass
 class ModelConfig:
     encoder: str = "openai/whisper-large-v3"  # hub id or directory of a Whisper checkpoint
@@ -283,38 +314,39 @@ class LLaSO(nn.Module):
 
         Each prompt is prefilled alone (exactly the batch-1 computation; without a padding mask attention also
         takes its causal fast path, ~3x faster on CPU), then the caches are left-padded into one batch. Position
-        ids that skip the pads make every decoding step independent of the batch too.
+        ids that skip the pads make every decoding step independent of the batch too. A row that has ended leaves
+        the batch, so the longest answer does not keep paying for the shortest.
         """
         audio = self.encode_audio(batch["mels"].to(self.projector[0].weight.device))
         embeds, attention, _, positions = self.splice(batch, audio, left_pad=True)
         width, lengths = embeds.shape[1], attention.sum(1).tolist()
         rows = [self.llm(inputs_embeds=row[None, width - n :], use_cache=True, logits_to_keep=1)
                 for row, n in zip(embeds, lengths)]
-        pad = lambda kv, n: F.pad(kv, (0, 0, width - n, 0))  # [1, heads, n, d] -> [1, heads, width, d], zeros left
-        cache = DynamicCache([
-            (torch.cat([pad(r.past_key_values.layers[i].keys, n) for r, n in zip(rows, lengths)]),
-             torch.cat([pad(r.past_key_values.layers[i].values, n) for r, n in zip(rows, lengths)]))
-            for i in range(len(rows[0].past_key_values.layers))])
+        cache = DynamicCache()
+        cache.layers = [PreallocatedLayer([r.past_key_values.layers[i] for r in rows], width, max_new_tokens)
+                        for i in range(len(rows[0].past_key_values.layers))]
         logits = torch.cat([r.logits[:, -1] for r in rows])
         del rows
         eos = torch.tensor(self.eos_ids, device=embeds.device)
-        tokens, done = [], torch.zeros(len(embeds), dtype=torch.bool, device=embeds.device)
+        tokens, alive = [[] for _ in embeds], list(range(len(embeds)))  # alive: batch row -> record
         for _ in range(max_new_tokens):
             next_token = logits.argmax(-1)
-            tokens.append(next_token)
-            done |= torch.isin(next_token, eos)
-            if done.all():
+            for record, token in zip(alive, next_token.tolist()):
+                tokens[record].append(token)
+            ended = torch.isin(next_token, eos)
+            if ended.all():
                 break
-            attention = torch.cat([attention, attention.new_ones(len(embeds), 1)], 1)
+            if ended.any():  # finished rows leave the batch, so the others' steps get cheaper
+                keep = (~ended).nonzero().flatten()
+                alive = [alive[i] for i in keep.tolist()]
+                next_token, attention, positions = next_token[keep], attention[keep], positions[keep]
+                cache.batch_select_indices(keep)
+            attention = torch.cat([attention, attention.new_ones(len(alive), 1)], 1)
             positions = positions[:, -1:] + 1
             out = self.llm(input_ids=next_token[:, None], attention_mask=attention, position_ids=positions,
                            past_key_values=cache, use_cache=True)
             logits, cache = out.logits[:, -1], out.past_key_values
-        result = []
-        for row in torch.stack(tokens, 1).tolist():
-            stop = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
-            result.append(row[:stop])
-        return result
+        return [row[:-1] if row and row[-1] in self.eos_ids else row for row in tokens]
 
     def generate(self, batch, max_new_tokens: int = 256) -> list[str]:
         """Answers as text: new tokens only, special tokens skipped, stripped (as the reference does)."""
