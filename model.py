@@ -11,7 +11,6 @@ Reading order: prompt format -> tokens/labels -> encoder -> projector -> LLM + t
 """
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -329,12 +328,12 @@ class LLaSO(nn.Module):
         del rows
         eos = torch.tensor(self.eos_ids, device=embeds.device)
         tokens, alive = [[] for _ in embeds], list(range(len(embeds)))  # alive: batch row -> record
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             next_token = logits.argmax(-1)
             for record, token in zip(alive, next_token.tolist()):
                 tokens[record].append(token)
             ended = torch.isin(next_token, eos)
-            if ended.all():
+            if ended.all() or step == max_new_tokens - 1:
                 break
             if ended.any():  # finished rows leave the batch, so the others' steps get cheaper
                 keep = (~ended).nonzero().flatten()
@@ -489,13 +488,11 @@ PRESETS = {"llaso": ModelConfig()}
 TINY_VERSION = 1  # bump when build_tiny changes, so stale caches are rebuilt
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LLASO_CACHE", Path.home() / ".cache" / "llaso-mini"))
-
-
 def preset(name: str) -> ModelConfig:
     if name == "tiny":
-        folder = build_tiny(cache_root() / f"tiny-v{TINY_VERSION}")
+        from data import DEFAULT_CACHE_DIR
+
+        folder = build_tiny(DEFAULT_CACHE_DIR / f"tiny-v{TINY_VERSION}")
         return ModelConfig(encoder=str(folder / "encoder"), llm=str(folder / "llm"))
     return ModelConfig(**asdict(PRESETS[name]))
 
