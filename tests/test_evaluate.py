@@ -2,6 +2,7 @@
 single-record inference, torchrun == one process. A sharpened tiny stage-2 model, 12 new tokens."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,11 +155,17 @@ def test_single_record_inference(ckpt, full):
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
 def test_torchrun_two_processes_equals_one(ckpt, full, tmp_path):
+    """Two ranks finish a run that one process began and a crash ended, and answer a third file from scratch."""
+    files = SMALL + [EVAL / "text_audio" / "slurp_Intent_Prediction_test.json"]
+    assert generate(ckpt, SMALL, tmp_path, batch_size=4, stop_after=3)[0] == 1  # 6 + 4 of 12 records
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     cli = [torchrun, "--standalone", "--nproc_per_node=2", str(ROOT / "evaluate.py"), "--ckpt", str(ckpt),
-           "--data", *map(str, SMALL), "--audio-root", str(AUDIO_ROOT), "--out", str(tmp_path),
+           "--data", *map(str, files), "--audio-root", str(AUDIO_ROOT), "--out", str(tmp_path),
            "--max-new-tokens", str(TOKENS), "--workers", "0", "--batch-size", "4"]
-    subprocess.run(cli, check=True, timeout=300, capture_output=True, env=ONE_THREAD)
-    for path in SMALL:
+    run = subprocess.run(cli, timeout=300, capture_output=True, text=True, env=ONE_THREAD)
+    assert run.returncode == 0, run.stderr[-4000:]
+    todo = re.findall(r"rank \d/2: 3 test files, 1 already done, (\d+) records to answer", run.stderr)
+    assert len(todo) == 2 and sum(map(int, todo)) == 2 + 8  # only what is missing is answered, split across ranks
+    for path in files:
         assert (tmp_path / path.name).read_bytes() == (full / path.name).read_bytes()
-    assert (tmp_path / "scores.json").exists()
+    assert not list((tmp_path / ev.PARTIAL).glob("*.jsonl")) and (tmp_path / "scores.json").exists()
