@@ -206,19 +206,23 @@ class PreallocatedLayer(DynamicLayer):
             self.buffers[0][row, :, width - n: width] = layer.keys[0]
             self.buffers[1][row, :, width - n: width] = layer.values[0]
         self.filled = width
-        self.keys, self.values = (b[:, :, :width] for b in self.buffers)
+        self.show_filled()
+
+    def show_filled(self):
+        """keys/values, as attention and the cache's length queries read them: the filled part of the buffers."""
+        self.keys, self.values = (b[:, :, :self.filled] for b in self.buffers)
 
     def update(self, key_states, value_states, *args, **kwargs):
         n = key_states.shape[2]
         for buffer, new in zip(self.buffers, (key_states, value_states)):
             buffer[:, :, self.filled: self.filled + n] = new
         self.filled += n
-        self.keys, self.values = (b[:, :, :self.filled] for b in self.buffers)
+        self.show_filled()
         return self.keys, self.values
 
     def batch_select_indices(self, indices):
         self.buffers = [b[indices] for b in self.buffers]
-        self.keys, self.values = (b[:, :, :self.filled] for b in self.buffers)
+        self.show_filled()
 
 
 @dataclass
