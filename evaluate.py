@@ -1,7 +1,7 @@
 """LLaSO-Eval for llaso-mini: generation of every test file, then scoring; and one-off answers.
 
-Generate (greedy, 256 new tokens, stop on <|eot_id|>/<|eom_id|>/<|end_of_text|>, new tokens decoded without special
-tokens and stripped: SPEC §8.1), then score the results directory:
+Generate as the reference does (greedy, 256 new tokens, stop on <|eot_id|>/<|eom_id|>/<|end_of_text|>, new tokens
+decoded without special tokens and stripped), then score the results directory:
 
     python evaluate.py --preset tiny                                   # sample eval set, out/instruct -> out/eval
     python evaluate.py --ckpt out/instruct --data LLaSO-Eval --audio-root /data/llaso --out results/llaso-mini
@@ -44,7 +44,7 @@ Score a directory of prediction files alone (one JSON list per test file, `<stem
     python evaluate.py --score results/A --judge-url https://api.openai.com/v1/chat/completions   # fill gpt_result/
 
 Each directory gets `scores.json` (per file, per task/category/modality, summary; rates as fractions, abstention in
-percent) and `scores.md`. Metrics (SPEC §8.3): WER/CER corpus level; PER; closed-set accuracy and abstention rate;
+percent) and `scores.md`. Metrics: WER/CER corpus level; PER; closed-set accuracy and abstention rate;
 MAE with coverage; pronunciation regex agreement; LLM-judge means read from `gpt_result/<stem>.jsonl`.
 
 Default-mode text normalisation (WER/CER): lowercase, ’ -> ', every Unicode punctuation character except the
@@ -73,7 +73,7 @@ SAMPLE = Path(__file__).resolve().parent / "sample"  # bundled sample corpus (--
 AUDIO = "<audio>"  # same placeholder as model.AUDIO; not imported, so scoring needs neither torch nor transformers
 
 # ---------------------------------------------------------------------------------------------------------------------
-# task catalogue (SPEC §6): file stem without "_test" -> (task, category, kind)
+# task catalogue of LLaSO-Eval's 44 files: file stem without "_test" -> (task, category, kind)
 
 LING, SEM, SPK, MUS = "linguistic", "semantic", "paralinguistic (speaker)", "paralinguistic (music)"
 QA_SOURCES = ("alpacaDan", "dolly", "orca", "tigerbot_alpaca", "tigerbot_multichat", "unnatural")
@@ -135,7 +135,8 @@ def task_of(stem, rows):
 
 
 def modality(stem, humans):
-    """(t,a), (a,t) or (a): from the QA file suffix (SPEC §5.4), else from where <audio> sits in the human turns."""
+    """(t,a), (a,t) or (a): QA files name it by suffix (_input_1 text instruction + audio input, _instruction_0 spoken
+    instruction + text input, _end audio only); other files by where <audio> sits in the human turns."""
     for suffix, config in (("_end", "(a)"), ("_instruction_0", "(a,t)"), ("_input_1", "(t,a)")):
         if stem.endswith(suffix):
             return config
@@ -319,7 +320,7 @@ def parse_age(text):
     numbers = [int(n) for n in re.findall(r"\d+", text)]
     if numbers:
         return int(round(first_or_range(numbers, text)))  # Python round: half to even, as in the reference
-    return 22 if "adult" in text.lower() else None  # reference heuristic, kept in both modes (SPEC: same parsing)
+    return 22 if "adult" in text.lower() else None  # reference heuristic, kept in both modes
 
 
 def parse_pitch(text):
@@ -358,16 +359,16 @@ def mae(golds, preds, compat, kind):
 # ---------------------------------------------------------------------------------------------------------------------
 # pronunciation scoring: regex agreement of the three sentence-level scores
 
-PRON_ASPECTS = {"accuracy": "accuracy", "proso": "prosodic", "fluency": "fluency"}
+PRON_NAMES = {"accuracy": "accuracy", "proso": "prosodic", "fluency": "fluency"}
 PRON_NAMED_FIRST = re.compile(r"(accuracy|proso|fluency).*?(?:is|:|=|as).*?(\d+)")
 PRON_NUMBER_FIRST = re.compile(r"(\d+)\s*?(?:for)\s*?(accuracy|proso|fluency)")
 
 
 def parse_pron(text):
     text = text.lower()
-    scores = {PRON_ASPECTS[m[1]]: int(m[2]) for m in PRON_NAMED_FIRST.finditer(text)}  # later matches overwrite
+    scores = {PRON_NAMES[m[1]]: int(m[2]) for m in PRON_NAMED_FIRST.finditer(text)}  # later matches overwrite
     if len(scores) != 3:
-        scores = {PRON_ASPECTS[m[2]]: int(m[1]) for m in PRON_NUMBER_FIRST.finditer(text)}
+        scores = {PRON_NAMES[m[2]]: int(m[1]) for m in PRON_NUMBER_FIRST.finditer(text)}
     return scores if len(scores) == 3 else None
 
 

@@ -14,9 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import evaluate as ev  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "llaso-eval-predictions"
-needs_shared = pytest.mark.skipif(not (SHARED / "Qwen2-Audio").is_dir(),
-                                  reason=f"golden predictions not found at {SHARED} (shared/ must sit beside the repo)")
+from conftest import PREDICTIONS  # noqa: E402
 
 
 def write_results(directory, stem, pairs, key="answer", human="Answer.<audio>"):
@@ -34,18 +32,17 @@ def write_results(directory, stem, pairs, key="answer", human="Answer.<audio>"):
 def qwen_scores(tmp_path_factory):
     """Score a writable copy through the command line, as a user would."""
     copy = tmp_path_factory.mktemp("qwen") / "Qwen2-Audio"
-    shutil.copytree(SHARED / "Qwen2-Audio", copy)
+    shutil.copytree(PREDICTIONS / "Qwen2-Audio", copy)
     for path in [copy, *copy.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)  # the shared originals are read-only
+        path.chmod(0o755 if path.is_dir() else 0o644)  # a checkout may be read-only
     subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--score", str(copy), "--compat", "llaso"],
                    check=True, cwd=REPO, capture_output=True, timeout=300)
     assert (copy / "scores.md").read_text().startswith("# Scores: Qwen2-Audio")
     return json.loads((copy / "scores.json").read_text())
 
 
-@needs_shared
 def test_compat_reproduces_reference_scores_for_all_44_files(qwen_scores):
-    expected = json.loads((SHARED / "Qwen2-Audio.expected.json").read_text())
+    expected = json.loads((PREDICTIONS / "Qwen2-Audio.expected.json").read_text())
     assert len(expected["files"]) == 44 and set(qwen_scores["files"]) == set(expected["files"])
     for stem, exp in expected["files"].items():
         got = qwen_scores["files"][stem]
@@ -60,9 +57,8 @@ def test_compat_reproduces_reference_scores_for_all_44_files(qwen_scores):
                 assert got[key] == pytest.approx(value, abs=tolerance), (stem, key)
 
 
-@needs_shared
 def test_compat_summary_matches_reference(qwen_scores):
-    expected = json.loads((SHARED / "Qwen2-Audio.expected.json").read_text())["summary"]
+    expected = json.loads((PREDICTIONS / "Qwen2-Audio.expected.json").read_text())["summary"]
     summary = qwen_scores["summary"]
     assert summary["accuracy"] == pytest.approx(expected["closed_set_accuracy_mean"], abs=1e-6)
     assert summary["abstention_pct"] == pytest.approx(expected["abstention_mean_over_files_pct"], abs=1e-6)
@@ -70,11 +66,10 @@ def test_compat_summary_matches_reference(qwen_scores):
     assert summary["n_items"] == 10605
 
 
-@needs_shared
 def test_standard_orientation_matches_published_unnormalised_rates():
-    expected = json.loads((SHARED / "Qwen2-Audio.expected.json").read_text())["files"]
+    expected = json.loads((PREDICTIONS / "Qwen2-Audio.expected.json").read_text())["files"]
     for stem, metric in (("ASR_test", ev.wer_cer), ("phoneme_recognition_test", ev.phone_error_rate)):
-        rows = ev.load_results(SHARED / "Qwen2-Audio" / f"{stem}.json")
+        rows = ev.load_results(PREDICTIONS / "Qwen2-Audio" / f"{stem}.json")
         got = metric([g for _, g, _ in rows], [p for _, _, p in rows], "standard")
         for key, value in expected[stem]["standard_no_normalization"].items():
             assert got[key] == pytest.approx(value, abs=1e-6), (stem, key)
@@ -250,7 +245,7 @@ def test_judge_request_format_and_cache(tmp_path):
     system = ("You are evaluating the performance of an AI assistant in an audio question answering task.\n"
               "Given a **Reference Answer** and a **Predicted Answer**, assign a score from 1 to 5 based on "
               "Relevance & Accuracy.\nOutput format (exactly, no other text):\nScore: <integer 1-5>\n"
-              "Explanation: <concise justification focusing on both relevance and accuracy>\n")  # SPEC §8.3
+              "Explanation: <concise justification focusing on both relevance and accuracy>\n")
     assert body["messages"] == [
         {"role": "system", "content": system},
         {"role": "user", "content": "**Reference Answer:**\nGold two.\n\n**Predicted Answer:**\nAnswer two.\n\n"
