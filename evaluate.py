@@ -1,7 +1,7 @@
 """LLaSO-Eval for llaso-mini: generation of every test file, then scoring; and one-off answers.
 
-Generate (greedy, 256 new tokens, stop on <|eot_id|>/<|eom_id|>/<|end_of_text|>, new tokens decoded without special
-tokens and stripped: SPEC §8.1), then score the results directory:
+Generate as the reference does (greedy, 256 new tokens, stop on <|eot_id|>/<|eom_id|>/<|end_of_text|>, new tokens
+decoded without special tokens and stripped), then score the results directory:
 
     python evaluate.py --preset tiny                                   # sample eval set, out/instruct -> out/eval
     python evaluate.py --ckpt out/instruct --data LLaSO-Eval --audio-root /data/llaso --out results/llaso-mini
@@ -34,22 +34,26 @@ One record (prints the answer):
 A prompt without <audio> gets it appended after the text (instruction first: the common (t,a) form); put <audio>
 at the start of --prompt for the audio-first (a,t) form.
 
-Score a directory of prediction files alone (one JSON list per test file, `<stem>_test.json`, records with
-`conversations` = [human, gpt = gold] and the prediction in `answer`, `prediction` or `result`):
+Score a directory of prediction files alone: one file per test file, `<stem>_test.json` (a JSON list of records) or
+`<stem>_test.jsonl` (one record a line), records with `conversations` = [human, gpt = gold] and the prediction in
+`answer`, `prediction` or `result`; judge verdicts in `gpt_result/` beside them. A folder without any fails.
 
     python evaluate.py --score results/llaso-mini                      # correct metrics (default)
     python evaluate.py --score results/qwen2-audio --compat llaso      # the reference scripts' numbers, quirks included
     python evaluate.py --score results/qwen2-audio --compat standard   # default, but WER/CER/PER un-normalised
     python evaluate.py --score results/A results/B results/C           # + normalised score across the three
-    python evaluate.py --score results/A --judge-url https://api.openai.com/v1/chat/completions   # fill gpt_result/
+    OPENAI_API_KEY=... python evaluate.py --score results/A --judge-url https://api.openai.com/v1/chat/completions
 
 Each directory gets `scores.json` (per file, per task/category/modality, summary; rates as fractions, abstention in
-percent) and `scores.md`. Metrics (SPEC §8.3): WER/CER corpus level; PER; closed-set accuracy and abstention rate;
-MAE with coverage; pronunciation regex agreement; LLM-judge means read from `gpt_result/<stem>.jsonl`.
+percent) and `scores.md`. Metrics: WER/CER corpus level; PER; closed-set accuracy and abstention rate;
+MAE with coverage; pronunciation regex agreement; LLM-judge means read from `gpt_result/<stem>.jsonl` (--judge-url
+fills in the missing ones; the key comes from $OPENAI_API_KEY and goes to that URL's host only). Nothing is coerced:
+an answer that is not a string is an error entry (scored as an empty answer), a record whose gold is empty or not a
+string is left out; both are counted and listed in scores.json, scores.md and on the terminal. README "Scoring"
+states every rule of both modes.
 
 Default-mode text normalisation (WER/CER): lowercase, ’ -> ', every Unicode punctuation character except the
-apostrophe becomes a space, whitespace collapsed. An empty hypothesis counts as all deletions; an empty reference adds
-its insertions to the numerator and nothing to the denominator (a corpus with no reference words has rate null).
+apostrophe becomes a space, whitespace collapsed. An empty hypothesis counts as all deletions.
 
 Normalised score (>1 directory, or --normalized): for every test file scored in all directories, min-max normalise
 its primary metric (WER, PER, accuracy, MAE, judge mean) across the directories, invert lower-is-better metrics,
@@ -66,6 +70,8 @@ import unicodedata
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import jiwer
 
@@ -73,7 +79,7 @@ SAMPLE = Path(__file__).resolve().parent / "sample"  # bundled sample corpus (--
 AUDIO = "<audio>"  # same placeholder as model.AUDIO; not imported, so scoring needs neither torch nor transformers
 
 # ---------------------------------------------------------------------------------------------------------------------
-# task catalogue (SPEC §6): file stem without "_test" -> (task, category, kind)
+# task catalogue of LLaSO-Eval's 44 files: file stem without "_test" -> (task, category, kind)
 
 LING, SEM, SPK, MUS = "linguistic", "semantic", "paralinguistic (speaker)", "paralinguistic (music)"
 QA_SOURCES = ("alpacaDan", "dolly", "orca", "tigerbot_alpaca", "tigerbot_multichat", "unnatural")
@@ -131,11 +137,12 @@ def infer_task(stem, golds):
 
 def task_of(stem, rows):
     base = stem.removesuffix("_test")
-    return CATALOGUE.get(base) or infer_task(base, [gold for _, gold, _ in rows])
+    return CATALOGUE.get(base) or infer_task(base, [row.gold for row in rows])
 
 
 def modality(stem, humans):
-    """(t,a), (a,t) or (a): from the QA file suffix (SPEC §5.4), else from where <audio> sits in the human turns."""
+    """(t,a), (a,t) or (a): QA files name it by suffix (_input_1 text instruction + audio input, _instruction_0 spoken
+    instruction + text input, _end audio only); other files by where <audio> sits in the human turns."""
     for suffix, config in (("_end", "(a)"), ("_instruction_0", "(a,t)"), ("_input_1", "(t,a)")):
         if stem.endswith(suffix):
             return config
@@ -149,36 +156,113 @@ def modality(stem, humans):
 # prediction files
 
 PREDICTION_KEYS = ("answer", "prediction", "result")  # LLaSO / SALMONN, LLaMA-Omni / GLM-4-Voice, Mini-Omni, Typhoon
+PREDICTION_SUFFIXES = (".json", ".jsonl")
+JSON_TYPES = {dict: "a JSON object", list: "a JSON list", bool: "a JSON boolean", int: "a JSON number",
+              float: "a JSON number", type(None): "null"}
 
 
-def load_results(path, errors=None):
-    """-> list of (human, gold, prediction) strings; raises ValueError naming the file and record.
+class Row(NamedTuple):
+    index: int  # the record's position in its file: judge verdicts are keyed by it
+    human: str
+    gold: str
+    prediction: str
 
-    Records that generation could not evaluate carry "error" (and an empty answer): they count as empty answers,
-    and `errors`, if a list, receives their reasons. One without a usable gold cannot be scored and is left out.
-    """
+
+class Predictions(NamedTuple):
+    rows: list  # the records that are scored, in file order
+    errors: list  # "<file> record <i>: reason" of error entries and of answers that are not text: scored as ""
+    unscorable: list  # "<file> record <i>: reason" of records without a usable gold: left out of every metric
+
+
+class NothingToScore(Exception):
+    """A results folder without a single prediction file: scores of nothing would look like a success."""
+
+
+def prediction_files(results_dir):
+    """stem -> paths of the *.json / *.jsonl prediction files with that stem (one, unless both layouts are there)."""
+    found = {}
+    for path in sorted(results_dir.iterdir()):
+        if path.suffix in PREDICTION_SUFFIXES and path.is_file() and path.name != "scores.json":
+            found.setdefault(path.stem, []).append(path)
+    if not found:
+        raise NothingToScore(nothing_to_score(results_dir))
+    return found
+
+
+def nothing_to_score(results_dir):
+    """What a folder holds instead of prediction files, and where some may be (a subfolder per model, say)."""
+    def describe(path):
+        inside = sum(f.suffix in PREDICTION_SUFFIXES for f in path.iterdir()) if path.is_dir() else None
+        return path.name if inside is None else f"{path.name}/ ({inside} prediction file{'s' * (inside != 1)})"
+
+    found = [describe(path) for path in sorted(results_dir.iterdir())]
+    return (f"{results_dir}: no prediction files (<stem>_test.json lists or <stem>_test.jsonl, one record a line) to "
+            f"score; found instead: {', '.join(found[:20]) or 'nothing'}{' ...' * (len(found) > 20)}")
+
+
+def read_records(path):
+    """A JSON list of records, or JSONL (one record a line, blank lines ignored), told apart by the first character:
+    generation writes a list under the test file's own name, which may end in .jsonl."""
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path.name}: not a readable JSON file ({error})") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path.name}: expected a JSON list of records, got {type(records).__name__}")
-    rows = []
-    for i, record in enumerate(records):
-        if isinstance(record, dict) and record.get("error") and errors is not None:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path.name}: not UTF-8 text ({error})") from None
+    if not text.strip():
+        raise ValueError(f"{path.name}: empty file")
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path.name}: not a readable JSON file ({error})") from None
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 and kin may sit inside strings
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path.name} line {number}: not a JSON record ({error}); expected a JSON list of "
+                                 "records, or JSONL: one record a line") from None
+    return records
+
+
+def load_results(path):
+    """-> Predictions of one file; raises ValueError naming the file and record if the file cannot be scored.
+
+    Nothing is coerced: an answer that is not a string (a list, an object, null) is an error entry, scored as an
+    empty answer, like a record that generation could not evaluate ("error" field); a record whose gold is missing,
+    empty or not a string cannot be scored and is left out. Both are listed.
+    """
+    rows, errors, unscorable = [], [], []
+    for i, record in enumerate(read_records(path)):
+        where = f"{path.name} record {i}"
+        failed = isinstance(record, dict) and record.get("error")
+        if failed:
             errors.append(str(record["error"]))
         try:
             human, gold = record["conversations"][0]["value"], record["conversations"][1]["value"]
         except (KeyError, IndexError, TypeError):
-            if isinstance(record, dict) and record.get("error"):
+            if failed:
+                unscorable.append(f"{where}: no gold answer (the record could not be read)")
                 continue
-            raise ValueError(f"{path.name} record {i}: expected 'conversations' = [human turn, gpt turn]") from None
+            raise ValueError(f"{where}: expected 'conversations' = [human turn, gpt turn]") from None
+        if not isinstance(gold, str) or not gold.strip():
+            unscorable.append(f"{where}: the gold answer is {'empty' if isinstance(gold, str) else not_text(gold)}")
+            continue
         key = next((k for k in PREDICTION_KEYS if k in record), None)
         if key is None:
-            raise ValueError(f"{path.name} record {i}: no prediction field (one of {', '.join(PREDICTION_KEYS)})")
-        prediction = "" if record[key] is None else str(record[key])
-        rows.append((str(human), str(gold), prediction))
-    return rows
+            raise ValueError(f"{where}: no prediction field (one of {', '.join(PREDICTION_KEYS)})")
+        prediction = record[key]
+        if not isinstance(prediction, str):
+            if not failed:
+                errors.append(f"{where}: the answer is {not_text(prediction)}")
+            prediction = ""
+        human = human if isinstance(human, str) else ""  # read only to tell the modality configuration
+        rows.append(Row(i, human, gold, prediction))
+    return Predictions(rows, errors, unscorable)
+
+
+def not_text(value):
+    return f"{JSON_TYPES.get(type(value), type(value).__name__)}, not a string"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,10 +358,23 @@ def label_norm(text):
     return text.strip().lower().rstrip(". ").strip()
 
 
-def labels_named(prediction, labels):
-    """Labels named in the prediction at word boundaries, so that "male" is not found inside "female"."""
+def labels_named(prediction, labels, nested=True):
+    """Labels named in the prediction at word boundaries, so that "male" is not found inside "female".
+
+    A label found only inside a longer label that the prediction names ("irish" in "northern irish", "hue lightup"
+    in "iot hue lightup") is part of that label, not a second one; nested=False counts it, as the reference does.
+    """
     text = prediction.strip().lower()
-    return {l for l in labels if re.search(rf"(?<![a-z0-9]){re.escape(l)}(?![a-z0-9])", text)}
+    spans = {l: [m.span() for m in re.finditer(rf"(?<![a-z0-9]){re.escape(l)}(?![a-z0-9])", text)] for l in labels}
+    spans = {l: found for l, found in spans.items() if found}
+    if not nested:
+        return set(spans)
+    every = [span for found in spans.values() for span in found]
+
+    def inside_longer(a, b):
+        return any(c <= a and b <= d and d - c > b - a for c, d in every)
+
+    return {l for l, found in spans.items() if not all(inside_longer(a, b) for a, b in found)}
 
 
 def accuracy(golds, preds, compat):
@@ -296,7 +393,7 @@ def accuracy(golds, preds, compat):
 def abstention(golds, preds, compat):
     """Percent of answers that do not name exactly one label of the file (format compliance, not correctness)."""
     labels = {label_norm(g) for g in golds} - {""}
-    follows = sum(len(labels_named(p, labels)) == 1 for p in preds)
+    follows = sum(len(labels_named(p, labels, nested=compat != "llaso")) == 1 for p in preds)
     rate = (len(preds) - follows) / len(preds) * 100
     return {"abstention_pct": round(rate, 4) if compat == "llaso" else rate}
 
@@ -319,18 +416,24 @@ def parse_age(text):
     numbers = [int(n) for n in re.findall(r"\d+", text)]
     if numbers:
         return int(round(first_or_range(numbers, text)))  # Python round: half to even, as in the reference
-    return 22 if "adult" in text.lower() else None  # reference heuristic, kept in both modes (SPEC: same parsing)
+    return 22 if "adult" in text.lower() else None  # reference heuristic, kept in both modes
 
 
 def parse_pitch(text):
+    """A MIDI note number is an integer: the text as an integer, else the nearest integer to the text as a float,
+    to its first number, or to the midpoint of a range "60-64" (Python round: half to even; both modes, as the
+    reference); None if there is no number."""
     text = text.strip()
-    for convert in (int, lambda s: round(float(s))):
-        try:
-            return convert(text)
-        except (ValueError, OverflowError):
-            pass
-    numbers = [float(n) for n in re.findall(r"\d+\.?\d*", text)]
-    return first_or_range(numbers, text) if numbers else None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return int(round(float(text)))
+    except (ValueError, OverflowError):  # not a number, "nan" or "inf"
+        pass
+    numbers = re.findall(r"\d+\.?\d*", text)
+    return int(round(first_or_range([float(n) for n in numbers], text))) if numbers else None
 
 
 def mae(golds, preds, compat, kind):
@@ -358,16 +461,16 @@ def mae(golds, preds, compat, kind):
 # ---------------------------------------------------------------------------------------------------------------------
 # pronunciation scoring: regex agreement of the three sentence-level scores
 
-PRON_ASPECTS = {"accuracy": "accuracy", "proso": "prosodic", "fluency": "fluency"}
+PRON_NAMES = {"accuracy": "accuracy", "proso": "prosodic", "fluency": "fluency"}
 PRON_NAMED_FIRST = re.compile(r"(accuracy|proso|fluency).*?(?:is|:|=|as).*?(\d+)")
 PRON_NUMBER_FIRST = re.compile(r"(\d+)\s*?(?:for)\s*?(accuracy|proso|fluency)")
 
 
 def parse_pron(text):
     text = text.lower()
-    scores = {PRON_ASPECTS[m[1]]: int(m[2]) for m in PRON_NAMED_FIRST.finditer(text)}  # later matches overwrite
+    scores = {PRON_NAMES[m[1]]: int(m[2]) for m in PRON_NAMED_FIRST.finditer(text)}  # later matches overwrite
     if len(scores) != 3:
-        scores = {PRON_ASPECTS[m[2]]: int(m[1]) for m in PRON_NUMBER_FIRST.finditer(text)}
+        scores = {PRON_NAMES[m[2]]: int(m[1]) for m in PRON_NUMBER_FIRST.finditer(text)}
     return scores if len(scores) == 3 else None
 
 
@@ -429,16 +532,17 @@ def verdict_score(verdict):
     return int(match[1]) if match else None
 
 
-def judge_means(verdicts, preds, compat):
+def judge_means(verdicts, rows, compat):
+    """Mean verdict; default: only verdicts on the record's current answer, looked up by the record's index."""
     if compat == "llaso":  # reference: mean of every verdict on file
         scores = [s for s in map(verdict_score, verdicts.values()) if s is not None]
         return {"judge_mean": statistics.fmean(scores) if scores else None, "judge_n": len(scores)}
     scores, stale, unparsed = [], 0, 0
-    for i, pred in enumerate(preds):
-        verdict = verdicts.get(i)
+    for row in rows:
+        verdict = verdicts.get(row.index)
         if verdict is None:
             continue
-        if verdict.get("predicted", pred.strip()) != pred.strip():
+        if verdict.get("predicted", row.prediction.strip()) != row.prediction.strip():
             stale += 1  # judged an older prediction: not this model's answer any more
             continue
         score = verdict_score(verdict)
@@ -447,7 +551,33 @@ def judge_means(verdicts, preds, compat):
             continue
         scores.append(score)
     return {"judge_mean": statistics.fmean(scores) if scores else None, "judge_n": len(scores),
-            "judge_coverage": len(scores) / len(preds), "judge_unparsed": unparsed, "judge_stale": stale}
+            "judge_coverage": len(scores) / len(rows), "judge_unparsed": unparsed, "judge_stale": stale}
+
+
+class JudgeError(Exception):
+    """The judge run cannot go on (every further request would fail the same way)."""
+
+
+def origin(url):
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib copies every header, the API key included, to wherever a redirect points: follow only same-origin
+    redirects (scheme, host and port unchanged)."""
+
+    def redirect_request(self, request, fp, code, msg, headers, new_url):
+        if origin(new_url) != origin(request.full_url):
+            fp.close()
+            where = urlsplit(new_url)
+            raise JudgeError(f"the judge URL {request.full_url} redirected ({code}) to {where.scheme}://"
+                             f"{where.netloc}: refused, the API key goes to the host of --judge-url only; pass the "
+                             "final URL instead")
+        return super().redirect_request(request, fp, code, msg, headers, new_url)
+
+
+JUDGE_OPENER = urllib.request.build_opener(SameOriginRedirects)
 
 
 def ask_judge(url, key, model, temperature, reference, predicted, timeout=120):
@@ -456,33 +586,37 @@ def ask_judge(url, key, model, temperature, reference, predicted, timeout=120):
                          {"role": "user", "content": JUDGE_USER.format(reference=reference, predicted=predicted)}]}
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}", "api-key": key}  # OpenAI / Azure
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with JUDGE_OPENER.open(request, timeout=timeout) as response:
         return json.load(response)["choices"][0]["message"]["content"]
 
 
-def judge_file(results_dir, stem, rows, url, key, model, temperature):
-    """Ask the judge about every record without a current verdict; appends to gpt_result/<stem>.jsonl (cache)."""
-    path = results_dir / "gpt_result" / f"{stem}.jsonl"
-    verdicts = read_verdicts(path)
-    todo = [i for i, (_, _, pred) in enumerate(rows)
-            if i not in verdicts or verdicts[i].get("predicted") != pred.strip()]
-    path.parent.mkdir(exist_ok=True)
+def judge_file(results_dir, path, rows, url, key, model, temperature):
+    """Ask the judge about every record without a current verdict; appends to gpt_result/<stem>.jsonl (cache).
+
+    Verdicts carry the record's index in the prediction file, so they stay with their record when others are left
+    out; one whose "predicted" is not the record's current answer is asked again.
+    """
+    verdicts_path = results_dir / "gpt_result" / f"{path.stem}.jsonl"
+    verdicts = read_verdicts(verdicts_path)
+    todo = [row for row in rows
+            if row.index not in verdicts or verdicts[row.index].get("predicted") != row.prediction.strip()]
+    verdicts_path.parent.mkdir(exist_ok=True)
     failed = unparsed = 0
-    with path.open("a", encoding="utf-8") as f:
-        for i in todo:
-            reference, predicted = rows[i][1].strip(), rows[i][2].strip()
+    with verdicts_path.open("a", encoding="utf-8") as f:
+        for row in todo:
+            reference, predicted = row.gold.strip(), row.prediction.strip()
             try:
                 evaluation = ask_judge(url, key, model, temperature, reference, predicted)
             except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError) as error:
-                print(f"judge failed on {stem}.json record {i}: {error}", file=sys.stderr)
+                print(f"judge failed on {path.name} record {row.index}: {error}", file=sys.stderr)
                 failed += 1  # not written, so the next run retries it
                 continue
-            verdict = {"file": f"{stem}.json", "index": i, "predicted": predicted, "reference": reference,
+            verdict = {"file": path.name, "index": row.index, "predicted": predicted, "reference": reference,
                        "evaluation": evaluation}
             unparsed += verdict_score(verdict) is None
             f.write(json.dumps(verdict, ensure_ascii=False) + "\n")
             f.flush()
-    print(f"judge {stem}: {len(todo) - failed} new verdicts, {failed} failed, {unparsed} without a score")
+    print(f"judge {path.stem}: {len(todo) - failed} new verdicts, {failed} failed, {unparsed} without a score")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -491,7 +625,7 @@ def judge_file(results_dir, stem, rows, url, key, model, temperature):
 
 def score_file(results_dir, stem, rows, compat):
     task, category, kind = task_of(stem, rows)
-    humans, golds, preds = map(list, zip(*rows)) if rows else ([], [], [])
+    humans, golds, preds = [r.human for r in rows], [r.gold for r in rows], [r.prediction for r in rows]
     entry = {"task": task, "category": category, "modality": modality(stem.removesuffix("_test"), humans), "kind": kind,
              "primary": PRIMARY[kind][0], "n": len(rows)}
     if not rows:
@@ -509,7 +643,7 @@ def score_file(results_dir, stem, rows, compat):
     if kind == "pron":
         entry.update(pron_agreement(golds, preds))
     if kind in JUDGED:
-        entry.update(judge_means(read_verdicts(results_dir / "gpt_result" / f"{stem}.jsonl"), preds, compat))
+        entry.update(judge_means(read_verdicts(results_dir / "gpt_result" / f"{stem}.jsonl"), rows, compat))
     return entry
 
 
@@ -541,6 +675,7 @@ def summarize(files):
 
     summary = {"n_files": len(files), "n_items": sum(e["n"] for e in files.values()),
                "errors": sum(e.get("errors", 0) for e in files.values()) or None,
+               "unscorable": sum(e.get("unscorable", 0) for e in files.values()) or None,
                "wer": mean_of(of("asr"), "wer"), "cer": mean_of(of("asr"), "cer"), "per": mean_of(of("per"), "per"),
                "accuracy": mean_of(of("acc"), "accuracy"), "abstention_pct": mean_of(of("acc"), "abstention_pct"),
                "judge_mean": mean_of(of(*JUDGED), "judge_mean"),
@@ -550,29 +685,51 @@ def summarize(files):
     return {key: value for key, value in summary.items() if value not in (None, {})}
 
 
+LISTED = 10  # records named per file in scores.md and per kind on the terminal; scores.json lists them all
+
+
+def n_records(n):
+    return f"{n} record{'s' * (n != 1)}"
+
+
+def listing(records):
+    shown = "; ".join(records[:LISTED])
+    return shown + (f"; and {len(records) - LISTED} more (all in scores.json)" if len(records) > LISTED else "")
+
+
+def record_notes(stem, entry, predictions):
+    """Count and list the records not scored as given: error entries and records without a usable gold."""
+    notes = []
+    if predictions.errors:
+        entry["errors"], entry["error_records"] = len(predictions.errors), predictions.errors
+        notes.append(f"`{stem}`: {n_records(len(predictions.errors))} could not be evaluated (error entries or answers "
+                     f"that are not text; scored as empty answers): {listing(predictions.errors)}")
+    if predictions.unscorable:
+        entry["unscorable"], entry["unscorable_records"] = len(predictions.unscorable), predictions.unscorable
+        notes.append(f"`{stem}`: {n_records(len(predictions.unscorable))} left out of every metric (no usable gold): "
+                     f"{listing(predictions.unscorable)}")
+    return notes
+
+
 def score_directory(results_dir, compat=None, judge=None):
-    """Score every *.json in results_dir -> scores dict (also the content of scores.json)."""
+    """Score every prediction file in results_dir -> scores dict (also the content of scores.json)."""
     results_dir = Path(results_dir)
     files, notes, skipped = {}, [], []
-    for path in sorted(results_dir.glob("*.json")):
-        if path.name == "scores.json":
-            continue
-        stem = path.stem
-        errors = []
+    for stem, paths in prediction_files(results_dir).items():
         try:
-            rows = load_results(path, errors)
+            if len(paths) > 1:
+                raise ValueError(f"{stem}: two prediction files, {paths[0].name} and {paths[1].name}: keep one")
+            predictions = load_results(paths[0])
         except ValueError as error:  # one broken file must not hide the others' scores
             skipped.append(str(error))
             notes.append(f"skipped {error}")
             print(f"error: {results_dir}/{error}", file=sys.stderr)
             continue
+        rows = predictions.rows
         if judge and task_of(stem, rows)[2] in JUDGED:
-            judge_file(results_dir, stem, rows, **judge)
+            judge_file(results_dir, paths[0], rows, **judge)
         files[stem] = score_file(results_dir, stem, rows, compat)
-        if errors:
-            files[stem]["errors"] = len(errors)
-            notes.append(f"`{stem}`: {len(errors)} records could not be evaluated (error entries, scored as empty "
-                         f"answers), e.g. {errors[0]}")
+        notes += record_notes(stem, files[stem], predictions)
         if files[stem]["kind"] in JUDGED and not files[stem].get("judge_n"):
             notes.append(f"`{stem}`: no judge verdicts in gpt_result/{stem}.jsonl (run with --judge-url)")
         if files[stem]["task"] == "unknown":
@@ -661,7 +818,21 @@ def score_directories(dirs, compat=None, normalized=False, judge=None):
         if "normalized_score" in s:
             line += f" normalized={fmt(s['normalized_score']['value'])}"
         print(f"{d}: {s['n_files']} files, {s['n_items']} items, {line} -> scores.json, scores.md")
+        print_unscored(scores)
     return all_scores
+
+
+def print_unscored(scores):
+    """The terminal summary names the records not scored as given, like scores.md."""
+    for key, what in (("error_records", "could not be evaluated (error entries or answers that are not text), "
+                                        "scored as empty answers"),
+                      ("unscorable_records", "without a usable gold, left out of every metric")):
+        records = [r for entry in scores["files"].values() for r in entry.get(key, [])]
+        if records:
+            print(f"  {n_records(len(records))} {what}:")
+            print("".join(f"    {r}\n" for r in records[:LISTED]), end="")
+            if len(records) > LISTED:
+                print(f"    ... and {len(records) - LISTED} more (scores.md names {LISTED} per file, scores.json all)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -935,15 +1106,19 @@ def main(argv=None):
                        help="llaso: reproduce the reference scripts' numbers; standard: default but WER/CER/PER "
                             "without normalisation (reference letter-PER, gold as reference)")
     score.add_argument("--normalized", action="store_true", help="normalised score across the dirs (default if >1)")
-    score.add_argument("--judge-url", help="OpenAI-compatible chat completions URL; judges records without verdict")
-    score.add_argument("--judge-key", help="API key (default: $OPENAI_API_KEY)")
+    score.add_argument("--judge-url", help="OpenAI-compatible chat completions URL; judges records without verdict "
+                       "(API key: $OPENAI_API_KEY, sent to this URL's host only)")
+    score.add_argument("--judge-key", help=argparse.SUPPRESS)  # refused below: kept to explain why
     score.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (pin a dated version for reports)")
     args = parser.parse_args(argv)
+    if args.judge_key is not None:
+        parser.error("--judge-key: a key on the command line is visible to every user of this machine (ps, shell "
+                     "history); set the OPENAI_API_KEY environment variable instead")
     judge = None
     if args.judge_url:
-        key = args.judge_key or os.environ.get("OPENAI_API_KEY")
+        key = os.environ.get("OPENAI_API_KEY")
         if not key:
-            parser.error("--judge-url needs --judge-key or the OPENAI_API_KEY environment variable")
+            parser.error("--judge-url needs the API key in the OPENAI_API_KEY environment variable")
         judge = {"url": args.judge_url, "key": key, "model": args.judge_model,
                  "temperature": 0.1 if args.compat == "llaso" else 0.0}  # 0.1 = reference setting
 
@@ -951,9 +1126,7 @@ def main(argv=None):
         for d in args.score:
             if not Path(d).is_dir():
                 parser.error(f"--score: {d} is not a directory")
-        all_scores = score_directories(args.score, args.compat, args.normalized, judge)
-        if any(scores["skipped"] for scores in all_scores.values()):
-            sys.exit("some files could not be scored: see the errors above and the notes in scores.md")
+        score_and_exit(args.score, args.compat, args.normalized, judge)
         return
 
     if args.preset == "tiny":
@@ -987,7 +1160,15 @@ def main(argv=None):
         return
     if complete < total:
         sys.exit(f"{total - complete} test files are incomplete: run the same command again to finish them")
-    all_scores = score_directories([args.out], args.compat, judge=judge)
+    score_and_exit([args.out], args.compat, judge=judge)
+
+
+def score_and_exit(dirs, compat, normalized=False, judge=None):
+    """Score from the command line: a folder with nothing to score or a file that cannot be scored fails the run."""
+    try:
+        all_scores = score_directories(dirs, compat, normalized, judge)
+    except (NothingToScore, JudgeError) as error:
+        sys.exit(f"error: {error}")
     if any(scores["skipped"] for scores in all_scores.values()):
         sys.exit("some files could not be scored: see the errors above and the notes in scores.md")
 

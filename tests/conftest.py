@@ -12,7 +12,8 @@ sys.path.insert(0, str(ROOT))
 import model as M  # noqa: E402
 
 SAMPLE = ROOT / "sample"
-SHARED = ROOT.parent / "shared"
+# published Qwen2-Audio predictions and the reference scripts' numbers on them (tests/data/.../README.md)
+PREDICTIONS = ROOT / "tests" / "data" / "llaso-eval-predictions"
 
 
 @pytest.fixture(scope="session")
