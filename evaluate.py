@@ -772,9 +772,11 @@ def fmt(value):
 
 
 def md_table(rows, columns, first="name"):
-    lines = [f"| {first} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for name, row in rows.items()]
-    return "\n".join(lines)
+    """A Markdown table, its columns padded so that it also reads on a terminal."""
+    cells = [[first] + list(columns)] + [[str(name)] + [fmt(row.get(c)) for c in columns] for name, row in rows.items()]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in cells]
+    return "\n".join(lines[:1] + ["|" + "|".join("-" * (w + 2) for w in widths) + "|"] + lines[1:])
 
 
 def scores_markdown(title, scores):
@@ -798,6 +800,9 @@ def scores_markdown(title, scores):
     return "\n\n".join(parts) + "\n"
 
 
+TERMINAL_COLUMNS = ["wer", "cer", "per", "accuracy", "abstention_pct", "mae", "judge_mean"]
+
+
 def score_directories(dirs, compat=None, normalized=False, judge=None):
     all_scores = {str(d): score_directory(d, compat, judge) for d in dirs}
     if len(dirs) > 1 or normalized:
@@ -817,7 +822,10 @@ def score_directories(dirs, compat=None, normalized=False, judge=None):
         line = " ".join(f"{k}={fmt(v)}" for k, v in shown.items())
         if "normalized_score" in s:
             line += f" normalized={fmt(s['normalized_score']['value'])}"
-        print(f"{d}: {s['n_files']} files, {s['n_items']} items, {line} -> scores.json, scores.md")
+        print(md_table(scores["tasks"], ["files", "n"] + [c for c in TERMINAL_COLUMNS
+                                                          if any(c in row for row in scores["tasks"].values())], "task"))
+        print(f"{d}: {s['n_files']} files, {s['n_items']} items, {line}\n  -> {Path(d, 'scores.md')} "
+              f"(every file, task, category, modality) and scores.json")
         print_unscored(scores)
     return all_scores
 
@@ -833,6 +841,106 @@ def print_unscored(scores):
             print("".join(f"    {r}\n" for r in records[:LISTED]), end="")
             if len(records) > LISTED:
                 print(f"    ... and {len(records) - LISTED} more (scores.md names {LISTED} per file, scores.json all)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pictures: a radar of every model over the task axes, and one bar panel per metric family (matplotlib, --plot only)
+
+# Each radar axis shows the task's primary metric on a 0..1 scale where outward is better; the legend says how.
+TO_UNIT = {"accuracy": ("accuracy", lambda x: x), "wer": ("1 − WER", lambda x: 1 - min(x, 1.0)),
+           "per": ("1 − PER", lambda x: 1 - min(x, 1.0)), "judge_mean": ("(judge − 1) / 4", lambda x: (x - 1) / 4),
+           "mae": ("1 − MAE / 50 (age, years) or / 24 (pitch, semitones)", None)}
+MAE_SCALE = {"age": 50.0, "pitch": 24.0}
+FAMILIES = [("error rate ↓", ("wer", "cer", "per")), ("closed-set accuracy ↑", ("accuracy",)),
+            ("abstention % ↓", ("abstention_pct",)), ("judge score (1–5) ↑", ("judge_mean",)),
+            ("MAE ↓ (age: years, pitch: semitones)", ("mae",))]
+
+
+def radar_axes(scores):
+    """Task axes in catalogue order; open-ended QA is one axis per modality configuration."""
+    axes = {}
+    for stem, e in scores["files"].items():
+        name = f"{e['task']} {e['modality']}" if e["task"] == "open-ended QA" else e["task"]
+        axes.setdefault((e["category"], name), []).append(e)
+    return axes
+
+
+def unit_value(entries):
+    values = []
+    for e in entries:
+        key, x = e["primary"], e.get(e["primary"])
+        if x is None:
+            continue
+        values.append(max(0.0, 1 - x / MAE_SCALE[e["kind"]]) if key == "mae" else TO_UNIT[key][1](x))
+    return statistics.fmean(values) if values else None
+
+
+def plot_scores(all_scores, path):
+    """One figure: the radar (one polygon per results directory) on the left, the metric families on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    names = [Path(d).name for d in all_scores]
+    per_model = [radar_axes(s) for s in all_scores.values()]
+    keys = sorted(set().union(*per_model), key=lambda k: (k[0], k[1]))
+    fig = plt.figure(figsize=(22, 13), constrained_layout=True)
+    grid = fig.add_gridspec(len(FAMILIES), 2, width_ratios=[1.05, 1])
+    radar = fig.add_subplot(grid[:, 0], projection="polar")
+    angles = np.linspace(0, 2 * np.pi, len(keys), endpoint=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, axes) in enumerate(zip(names, per_model)):
+        values = [unit_value(axes.get(k, [])) for k in keys]
+        values = [np.nan if v is None else v for v in values]
+        closed = np.append(values, values[0])
+        radar.plot(np.append(angles, angles[0]), closed, color=colors[i % 10], linewidth=2, label=name)
+        radar.fill(np.append(angles, angles[0]), np.nan_to_num(closed), color=colors[i % 10], alpha=0.12)
+    metric_of = {k: per_model[0].get(k, [{}])[0].get("primary", "") for k in keys}
+    short = {"accuracy": "acc", "wer": "WER", "per": "PER", "judge_mean": "judge", "mae": "MAE"}
+    radar.set_xticks(angles, [f"{k[1]}\n({short.get(metric_of[k], '?')})" for k in keys], fontsize=9)
+    categories = sorted({k[0] for k in keys})
+    for label, key in zip(radar.get_xticklabels(), keys):  # tick colour = category
+        label.set_color(plt.cm.Dark2(categories.index(key[0])))
+
+    radar.set_ylim(0, 1)
+    radar.set_yticks([0.25, 0.5, 0.75, 1.0], ["0.25", "0.5", "0.75", "1"], fontsize=8, color="grey")
+    radar.set_title("LLaSO-Eval by task (outward = better)", fontsize=14, pad=30)
+    how = "\n".join(f"{short[k]}: {label}" for k, (label, _) in TO_UNIT.items())
+    radar.add_artist(radar.legend(loc="upper left", bbox_to_anchor=(-0.12, 1.12), fontsize=11, title="model"))
+    radar.legend(handles=[Patch(color=plt.cm.Dark2(i), label=c) for i, c in enumerate(categories)],
+                 loc="upper right", bbox_to_anchor=(1.12, 1.12), fontsize=10, title="task category (label colour)")
+    radar.text(-0.12, -0.08, "axis scales (0..1, outward = better):\n" + how, transform=radar.transAxes,
+               fontsize=9, va="top")
+    for row, (title, metrics) in enumerate(FAMILIES):
+        panel = fig.add_subplot(grid[row, 1])
+        bars = []  # (label, [value per model])
+        for metric in metrics:
+            for task, _ in scores_tasks(all_scores, metric):
+                label = task if len(metrics) == 1 else f"{task} ({metric.upper()})"
+                bars.append((label, [s["tasks"].get(task, {}).get(metric) for s in all_scores.values()]))
+        width = 0.8 / max(1, len(names))
+        x = np.arange(len(bars))
+        for i, name in enumerate(names):
+            heights = [np.nan if v[i] is None else v[i] for _, v in bars]
+            panel.bar(x + (i - (len(names) - 1) / 2) * width, heights, width, color=colors[i % 10], label=name)
+        panel.set_xticks(x, [label for label, _ in bars], rotation=20, ha="right", fontsize=8)
+        panel.set_title(title, fontsize=11, loc="left")
+        panel.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def scores_tasks(all_scores, metric):
+    """Tasks that report `metric` in any of the models, in name order."""
+    tasks = {}
+    for s in all_scores.values():
+        for task, row in s["tasks"].items():
+            if row.get(metric) is not None:
+                tasks[task] = row
+    return sorted(tasks.items())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1110,6 +1218,8 @@ def main(argv=None):
                        "(API key: $OPENAI_API_KEY, sent to this URL's host only)")
     score.add_argument("--judge-key", help=argparse.SUPPRESS)  # refused below: kept to explain why
     score.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (pin a dated version for reports)")
+    score.add_argument("--plot", metavar="FILE.png", help="with --score: a radar of every directory over the tasks "
+                       "and one bar panel per metric family (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.judge_key is not None:
         parser.error("--judge-key: a key on the command line is visible to every user of this machine (ps, shell "
@@ -1126,7 +1236,13 @@ def main(argv=None):
         for d in args.score:
             if not Path(d).is_dir():
                 parser.error(f"--score: {d} is not a directory")
-        score_and_exit(args.score, args.compat, args.normalized, judge)
+        if args.plot:
+            try:
+                import matplotlib  # noqa: F401  (checked before scoring: a missing package must not waste a run)
+            except ImportError:
+                parser.error("--plot needs matplotlib: pip install -r requirements-extras.txt (or pip install "
+                             "matplotlib)")
+        score_and_exit(args.score, args.compat, args.normalized, judge, args.plot)
         return
 
     if args.preset == "tiny":
@@ -1163,12 +1279,15 @@ def main(argv=None):
     score_and_exit([args.out], args.compat, judge=judge)
 
 
-def score_and_exit(dirs, compat, normalized=False, judge=None):
+def score_and_exit(dirs, compat, normalized=False, judge=None, plot=None):
     """Score from the command line: a folder with nothing to score or a file that cannot be scored fails the run."""
     try:
         all_scores = score_directories(dirs, compat, normalized, judge)
     except (NothingToScore, JudgeError) as error:
         sys.exit(f"error: {error}")
+    if plot:
+        plot_scores(all_scores, plot)
+        print(f"plot: {plot}")
     if any(scores["skipped"] for scores in all_scores.values()):
         sys.exit("some files could not be scored: see the errors above and the notes in scores.md")
 
