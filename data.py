@@ -39,7 +39,10 @@ import soundfile as sf
 import soxr
 
 AUDIO = "<audio>"  # placeholder in human turns (same string as model.AUDIO)
-CONFIGS = ("(t,a)", "(a,t)", "(a)")  # modality configurations, SPEC 5.4; index code = position, -1 = unusable
+# LLaSO's modality configurations: text instruction + audio input, audio instruction + text input, pure audio (the
+# instruction is spoken). Only the position of <audio> in the human turn tells them apart. Index code = position in
+# CONFIGS, -1 = unusable record.
+CONFIGS = ("(t,a)", "(a,t)", "(a)")
 FOLDER_CONFIG = {"text_audio": 0, "audio_text": 1, "pure_audio": 2}
 
 # ---------------------------------------------------------------------------------------------------- record index
@@ -59,10 +62,6 @@ _MALFORMED = object()  # stands for a JSONL line that does not parse
 
 class CorpusError(ValueError):
     """A corpus file that cannot be indexed at all (not JSON, not a list, broken JSON syntax)."""
-
-
-class SplitMiss(Exception):
-    """A parallel index build split a file inside a string; the file is indexed in one pass instead."""
 
 
 class RecordError(ValueError):
@@ -102,7 +101,7 @@ def record_stats(record, config: int | None) -> tuple[int, int]:
     """(characters of all turns, modality code) of one record — what the samplers and the preflight need."""
     try:
         turns = record["conversations"]
-        chars = sum([len(turn["value"]) for turn in turns])  # SPEC 7: characters, not tokens; audio ignored
+        chars = sum([len(turn["value"]) for turn in turns])  # the reference groups by characters, not tokens
         if config is None:  # no folder or file-name hint: audio first = (a,t), else (t,a); (a) looks like (t,a)
             human = turns[0]["value"] if turns[0]["from"] == "human" else turns[1]["value"]
             config = 1 if human.lstrip().startswith(AUDIO) else 0
@@ -111,11 +110,8 @@ def record_stats(record, config: int | None) -> tuple[int, int]:
         return 0, -1  # not a usable record; reading it later says why
 
 
-def scan_json_array(f, name, start=None, stop=None) -> Iterator[tuple[int, int, object]]:
+def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
     """Yield (byte offset, byte length, parsed element) for each element of a top-level JSON array.
-
-    start/stop (the parallel build): begin at byte `start`, an element of the list, and end before the element at
-    byte `stop`; SplitMiss if no element starts exactly there (the split point was inside a string).
 
     The file is read in 1 MB blocks decoded as latin-1: one character per byte, so the positions of the json
     module's C scanner are byte offsets. JSON syntax is ASCII, so the scanner sees the true structure (and skips `}`
@@ -140,23 +136,15 @@ def scan_json_array(f, name, start=None, stop=None) -> Iterator[tuple[int, int, 
                 return pos
             pos = refill(pos)
 
-    if start is None:
-        pos = skip_space(refill(0))
-        pos = skip_space(pos + 3 if text.startswith("\xef\xbb\xbf", pos) else pos)  # tolerate a UTF-8 byte-order mark
-        if not text.startswith("[", pos):
-            raise CorpusError(f"{name}: expected '[' at the start: the file should hold one JSON list of records")
-        pos = skip_space(pos + 1)
-        if text.startswith("]", pos):
-            return
-    else:
-        f.seek(start)
-        base, pos = start, refill(0)
+    pos = skip_space(refill(0))
+    pos = skip_space(pos + 3 if text.startswith("\xef\xbb\xbf", pos) else pos)  # tolerate a UTF-8 byte-order mark
+    if not text.startswith("[", pos):
+        raise CorpusError(f"{name}: expected '[' at the start: the file should hold one JSON list of records")
+    pos = skip_space(pos + 1)
+    if text.startswith("]", pos):
+        return
     n = 0
     while True:
-        if stop is not None and base + pos >= stop:
-            if base + pos == stop:
-                return
-            raise SplitMiss(f"{name}: no record starts at byte {stop}")
         try:
             element, end = scan_once(text, pos)
             if end == len(text) and not eof:  # a number might continue in the next block
@@ -178,8 +166,6 @@ def scan_json_array(f, name, start=None, stop=None) -> Iterator[tuple[int, int, 
             if text.startswith(",", pos):
                 separator = _SEPARATOR.match(text, pos)
             elif text.startswith("]", pos):
-                if stop is not None:
-                    raise SplitMiss(f"{name}: the list ended before byte {stop}")
                 return
             else:
                 found = repr(text[pos : pos + 20]) if pos < len(text) else "end of file"
@@ -221,8 +207,8 @@ def _source_stamp(corpus_file: Path) -> dict:
     return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def write_rows(corpus_file: Path, out, start=None, stop=None) -> int:
-    """Scan [start, stop) of a corpus file and append its index rows to the open file `out`; returns the count."""
+def write_rows(corpus_file: Path, out) -> int:
+    """Scan a corpus file and append its index rows to the open file `out`; returns the count."""
     config = file_config(corpus_file)
     columns = [array.array(code) for code in "QQIb"]  # offset, length, chars, config: compact while scanning
     count = 0
@@ -238,9 +224,7 @@ def write_rows(corpus_file: Path, out, start=None, stop=None) -> int:
 
     with open(corpus_file, "rb") as f:
         offsets, lengths, chars, configs = columns
-        scan = scan_records(f, corpus_file) if start is None and stop is None else \
-            scan_json_array(f, corpus_file, start, stop)
-        for offset, length, record in scan:
+        for offset, length, record in scan_records(f, corpus_file):
             n_chars, code = record_stats(record, config)
             offsets.append(offset)
             lengths.append(length)
@@ -252,75 +236,6 @@ def write_rows(corpus_file: Path, out, start=None, stop=None) -> int:
     return count
 
 
-PARALLEL_BYTES = 64 << 20  # JSON lists at least this large are indexed by one process per core
-MAX_PARTS = 16  # a big node has 100+ cores; more parts than this gain little and each holds ~30 MB
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def split_points(corpus_file: Path, parts: int) -> list[int]:
-    """Likely record starts near k/parts of the file: '}', ',', then '{' and the first key of the first record (a
-    nested object starts with other keys). A match inside a string is caught later, when the previous part's scan
-    fails to end exactly there (SplitMiss)."""
-    size, points = corpus_file.stat().st_size, []
-    with open(corpus_file, "rb") as f:
-        first = next(scan_json_array(f, corpus_file), (0, 0, None))[2]
-        if not isinstance(first, dict) or not first:
-            return []
-        key = json.dumps(next(iter(first))).encode()
-        boundary = re.compile(rb"\}[ \t\r\n]*,[ \t\r\n]*(\{)[ \t\r\n]*" + re.escape(key))
-        for k in range(1, parts):
-            f.seek(k * size // parts)
-            found = boundary.search(f.read(MAX_RECORD_BYTES))
-            if found and k * size // parts + found.start(1) > (points or [0])[-1]:
-                points.append(k * size // parts + found.start(1))
-    return points
-
-
-def index_part(args) -> tuple[str, int]:
-    corpus_file, part_file, start, stop = args
-    with open(part_file, "wb") as out:
-        return part_file, write_rows(Path(corpus_file), out, start, stop)
-
-
-def write_rows_parallel(corpus_file: Path, out, tmp: Path) -> int | None:
-    """Index a large JSON list in parts, one process per core; None if it is small, JSONL, or a split missed.
-
-    Part k scans from a candidate record start to the next one; it must end exactly there, so each part begins at
-    a true record start (part 0 begins at the list's start) and the rows are exactly those of one sequential scan.
-    """
-    cores = min(usable_cores(), MAX_PARTS)
-    if cores < 2 or corpus_file.stat().st_size < PARALLEL_BYTES or corpus_file.suffix == ".jsonl":
-        return None
-    points = split_points(corpus_file, cores)
-    if not points:
-        return None
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    bounds = list(zip([None] + points, points + [None]))
-    jobs = [(str(corpus_file), f"{tmp}.part{k}", start, stop) for k, (start, stop) in enumerate(bounds)]
-    try:  # fork, as torch's DataLoader workers: the parts run only this module's pure-Python scan
-        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("fork")) as pool:
-            parts = list(pool.map(index_part, jobs))
-        count = 0
-        for part_file, n in parts:
-            with open(part_file, "rb") as part:
-                while block := part.read(1 << 24):
-                    out.write(block)
-            count += n
-        return count
-    except (SplitMiss, CorpusError):  # a corpus error is reported with its true record number by the serial scan
-        out.seek(HEADER_BYTES)
-        out.truncate()
-        return None
-    finally:
-        for _, part_file, _, _ in jobs:
-            Path(part_file).unlink(missing_ok=True)
-
-
 def build_index(corpus_file: Path, index_file: Path) -> None:
     """Scan a corpus file once and write its index (to a temporary name, then renamed: ranks may race)."""
     stamp = _source_stamp(corpus_file)
@@ -329,9 +244,7 @@ def build_index(corpus_file: Path, index_file: Path) -> None:
     try:
         with open(tmp, "wb") as out:
             out.write(bytes(HEADER_BYTES))
-            count = write_rows_parallel(corpus_file, out, tmp)
-            if count is None:
-                count = write_rows(corpus_file, out)
+            count = write_rows(corpus_file, out)
             out.seek(0)
             out.write(json.dumps({**stamp, "records": count}).encode().ljust(HEADER_BYTES))
         os.replace(tmp, index_file)
@@ -419,7 +332,10 @@ def parse_record(raw: bytes) -> dict:
 
 
 def conversation(record, require_answer: bool = True) -> tuple[str, str | None]:
-    """(human text, answer) of a single-turn record (SPEC 4.5); answer is None if absent and not required."""
+    """(human text, answer) of a single-turn record; answer is None if absent and not required.
+
+    As the reference: a leading non-human turn (e.g. "system") is dropped, then exactly one human and one gpt turn.
+    """
     turns = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         raise RecordError("expected 'conversations': a list of {'from': ..., 'value': <text>} turns")
@@ -482,8 +398,8 @@ def split_chunks(x: np.ndarray, compat: bool = False, max_chunks: int = MAX_CHUN
     """(30 s chunks, number of chunks dropped beyond max_chunks).
 
     Default: exact 480,000-sample chunks (30 s is one chunk, 30 s + 1 sample two).
-    compat: the reference's slices of 480,001 samples (SPEC 2); the feature extractor truncates each to 480,000,
-    so one sample per full chunk is lost.
+    compat: the reference's slices of 480,001 samples (it advances by 480,001 while more than 480,000 remain); the
+    feature extractor truncates each to 480,000, so one sample per full chunk is lost.
     """
     step = CHUNK + 1 if compat else CHUNK
     chunks = [x[start : start + step] for start in range(0, len(x), step)]
@@ -627,7 +543,8 @@ def shuffled_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int, types=None) -> np.ndarray:
-    """Stage 2: the reference's modality+length grouping (SPEC 7), one megabatch = one optimizer step.
+    """Stage 2: the reference's modality+length grouping (length = characters of all turns), one megabatch = one
+    optimizer step.
 
     Per type: random permutation, stable sort by length descending (ties keep the random order), cut into
     megabatches of global_batch records; the last partial megabatch of each type goes to a leftover pool. All full

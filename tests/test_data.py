@@ -80,51 +80,6 @@ def test_index_yields_exactly_what_json_load_yields(tmp_path, monkeypatch, block
     assert corpus.configs().tolist() == [0 if i % 3 else 1 for i in range(len(expected))]  # by placeholder position
 
 
-def rows(index_file):
-    return np.fromfile(index_file, D.INDEX_DTYPE, offset=D.HEADER_BYTES)
-
-
-@pytest.mark.parametrize("indent", [None, 2])
-def test_parallel_index_build_equals_one_scan(tmp_path, monkeypatch, indent):
-    """Large JSON lists are indexed in parts by several processes: the rows must be those of one sequential scan."""
-    path = tmp_path / "corpus.json"
-    path.write_text(json.dumps(tricky_records(400), ensure_ascii=False, indent=indent), encoding="utf-8")
-    D.build_index(path, tmp_path / "serial.idx")  # below PARALLEL_BYTES: one scan
-    monkeypatch.setattr(D, "PARALLEL_BYTES", 0)
-    monkeypatch.setattr(D, "usable_cores", lambda: 5)
-    assert len(D.split_points(path, 5)) == 4  # the file really is split
-    with open(tmp_path / "out", "wb") as out:  # and the parts are used (no fallback to one scan)
-        out.write(bytes(D.HEADER_BYTES))
-        assert D.write_rows_parallel(path, out, tmp_path / "out") == 400
-    D.build_index(path, tmp_path / "parallel.idx")
-    serial, parallel = rows(tmp_path / "serial.idx"), rows(tmp_path / "parallel.idx")
-    assert len(serial) == 400 and np.array_equal(serial, parallel)
-    raw = path.read_bytes()
-    assert [json.loads(raw[o : o + n]) for o, n in parallel[["offset", "length"]].tolist()] == json.load(open(path))
-
-
-def test_parallel_index_build_refuses_a_split_inside_a_record(tmp_path, monkeypatch):
-    """A nested object that looks like a record start ("}, {" then the records' first key) is not a record start:
-    the part before it cannot end there, and the build falls back to one scan with the same rows."""
-    records = tricky_records(200)
-    for r in records:
-        r["metadata"]["alternatives"] = [{"voice": "x"}, {"voice": "y"}]
-    path = tmp_path / "corpus.json"
-    path.write_text(json.dumps(records), encoding="utf-8")
-    D.build_index(path, tmp_path / "serial.idx")
-    nested = path.read_bytes().index(b'{"voice": "y"}', len(path.read_bytes()) // 2)
-    with open(path, "rb") as f, pytest.raises(D.SplitMiss):
-        list(D.scan_json_array(f, path, None, nested))
-    monkeypatch.setattr(D, "PARALLEL_BYTES", 0)
-    monkeypatch.setattr(D, "usable_cores", lambda: 2)
-    monkeypatch.setattr(D, "split_points", lambda *_: [nested])
-    with open(tmp_path / "out", "wb") as out:
-        out.write(bytes(D.HEADER_BYTES))
-        assert D.write_rows_parallel(path, out, tmp_path / "out") is None
-    D.build_index(path, tmp_path / "fallback.idx")
-    assert np.array_equal(rows(tmp_path / "serial.idx"), rows(tmp_path / "fallback.idx"))
-
-
 def test_jsonl_and_broken_lines(tmp_path):
     records = tricky_records(50)
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
