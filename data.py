@@ -421,21 +421,26 @@ CHUNK = 30 * SAMPLE_RATE  # 480,000 samples: one Whisper window
 MAX_CHUNKS = 20  # 10 minutes per file, as the reference
 
 
-def resolve_audio(audio_root, path: str) -> Path:
-    """Corpus paths mix '/' and Windows '\\' and are relative to an audio root.
+def relative_audio_path(path: str) -> str:
+    """A record's audio path as a relative POSIX path: corpus paths mix '/' and Windows '\\'.
 
-    With an audio root (training, evaluation), a path that leaves it is refused: absolute, a drive letter, or '..'
-    above the root, after '\\' becomes '/'. Only the words are checked, so links inside the root may point anywhere.
-    Without one (audio_root "" or None: files named on the command line), the path is used as given.
+    A path that would leave the audio root is refused (RecordError): absolute, a drive letter, or '..' above the
+    root. Only the words are checked, so links inside the root may point anywhere.
     """
     relative = path.replace("\\", "/")
-    if not audio_root:
-        return Path(relative)
     if relative.startswith("/") or re.match(r"[A-Za-z]:", relative) or \
-            posixpath.normpath(relative).split("/")[0] == "..":
+            ".." in relative and posixpath.normpath(relative).split("/")[0] == "..":
         raise RecordError(f"audio path '{path}' leaves the audio root (--audio-root): corpus paths must be relative "
                           "to it")
-    return Path(audio_root) / relative
+    return relative
+
+
+def resolve_audio(audio_root, path: str) -> Path:
+    """audio_root / the relative path (training, evaluation); without a root (audio_root "" or None: files named on
+    the command line) the path is used as given."""
+    if not audio_root:
+        return Path(path.replace("\\", "/"))
+    return Path(audio_root) / relative_audio_path(path)
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
@@ -742,12 +747,12 @@ def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=
                 report("malformed", where, error)
                 continue
             for voice in voices:
-                try:  # a path that leaves the root is found without --audio-root too: "." stands in for it
-                    audio = resolve_audio(audio_root or ".", voice)
+                try:  # a path that leaves the root is found without --audio-root too
+                    relative = relative_audio_path(voice)
                 except RecordError as error:
                     report("audio", where, error)
                     continue
-                reason = check_audio(audio, decode) if audio_root is not None else None
+                reason = check_audio(Path(audio_root) / relative, decode) if audio_root is not None else None
                 if reason:
                     report("audio", where, reason)
     table_row(totals, f"total ({len(corpus.files)} files)")
