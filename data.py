@@ -5,10 +5,11 @@ The reference `json.load`s the whole list on every rank (~25 GB each). Here each
 byte-offset index (21 bytes per record, cached beside the file and memory-mapped), and a record is parsed only when
 it is read: seek + `json.loads` of its slice. DataLoader workers share the index pages instead of copying records.
 
-Preflight check before a run (record counts per file and modality configuration, malformed records, missing audio):
+Preflight check before a run (record counts per file and modality configuration, malformed records, audio files
+that are missing, unreadable or empty by their headers; --decode decodes every file, finding NaN samples too):
 
     python data.py sample/ --audio-root sample/audio
-    python data.py LLaSO-Instruct/ --audio-root /data/llaso/audio
+    python data.py LLaSO-Instruct/ --audio-root /data/llaso/audio --decode
     python data.py LLaSO-Align/text_audio/ASR_stage1_train.json --audio-root /data/llaso/audio --cache-dir /scratch/idx
 
 Use from the training / evaluation scripts:
@@ -27,6 +28,7 @@ import array
 import hashlib
 import json
 import os
+import posixpath
 import re
 import sys
 from collections import Counter
@@ -39,7 +41,10 @@ import soundfile as sf
 import soxr
 
 AUDIO = "<audio>"  # placeholder in human turns (same string as model.AUDIO)
-CONFIGS = ("(t,a)", "(a,t)", "(a)")  # modality configurations, SPEC 5.4; index code = position, -1 = unusable
+# LLaSO's modality configurations: text instruction + audio input, audio instruction + text input, pure audio (the
+# instruction is spoken). Only the position of <audio> in the human turn tells them apart. Index code = position in
+# CONFIGS, -1 = unusable record.
+CONFIGS = ("(t,a)", "(a,t)", "(a)")
 FOLDER_CONFIG = {"text_audio": 0, "audio_text": 1, "pure_audio": 2}
 
 # ---------------------------------------------------------------------------------------------------- record index
@@ -58,11 +63,8 @@ _MALFORMED = object()  # stands for a JSONL line that does not parse
 
 
 class CorpusError(ValueError):
-    """A corpus file that cannot be indexed at all (not JSON, not a list, broken JSON syntax)."""
-
-
-class SplitMiss(Exception):
-    """A parallel index build split a file inside a string; the file is indexed in one pass instead."""
+    """A corpus file that cannot be indexed at all: empty, neither a JSON list nor JSONL, broken JSON syntax or not
+    UTF-8 in a JSON list. The message is one line naming the file (and the record and byte where it breaks)."""
 
 
 class RecordError(ValueError):
@@ -102,7 +104,7 @@ def record_stats(record, config: int | None) -> tuple[int, int]:
     """(characters of all turns, modality code) of one record — what the samplers and the preflight need."""
     try:
         turns = record["conversations"]
-        chars = sum([len(turn["value"]) for turn in turns])  # SPEC 7: characters, not tokens; audio ignored
+        chars = sum([len(turn["value"]) for turn in turns])  # the reference groups by characters, not tokens
         if config is None:  # no folder or file-name hint: audio first = (a,t), else (t,a); (a) looks like (t,a)
             human = turns[0]["value"] if turns[0]["from"] == "human" else turns[1]["value"]
             config = 1 if human.lstrip().startswith(AUDIO) else 0
@@ -111,16 +113,14 @@ def record_stats(record, config: int | None) -> tuple[int, int]:
         return 0, -1  # not a usable record; reading it later says why
 
 
-def scan_json_array(f, name, start=None, stop=None) -> Iterator[tuple[int, int, object]]:
+def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
     """Yield (byte offset, byte length, parsed element) for each element of a top-level JSON array.
-
-    start/stop (the parallel build): begin at byte `start`, an element of the list, and end before the element at
-    byte `stop`; SplitMiss if no element starts exactly there (the split point was inside a string).
 
     The file is read in 1 MB blocks decoded as latin-1: one character per byte, so the positions of the json
     module's C scanner are byte offsets. JSON syntax is ASCII, so the scanner sees the true structure (and skips `}`
     or `"` inside strings itself); only non-ASCII text comes out as UTF-8 bytes in disguise, so an element that
-    contains any is parsed again from its bytes. The scan yields exactly what json.load gives.
+    contains any is parsed again from its bytes. The scan yields exactly what json.load gives, and fails (CorpusError)
+    where json.load fails.
     """
     scan_once = make_scanner(json.JSONDecoder())
     text, base, ascii_text, eof = "", 0, True, False  # text holds the file's bytes [base, base + len(text))
@@ -140,34 +140,36 @@ def scan_json_array(f, name, start=None, stop=None) -> Iterator[tuple[int, int, 
                 return pos
             pos = refill(pos)
 
-    if start is None:
-        pos = skip_space(refill(0))
-        pos = skip_space(pos + 3 if text.startswith("\xef\xbb\xbf", pos) else pos)  # tolerate a UTF-8 byte-order mark
-        if not text.startswith("[", pos):
-            raise CorpusError(f"{name}: expected '[' at the start: the file should hold one JSON list of records")
-        pos = skip_space(pos + 1)
-        if text.startswith("]", pos):
-            return
-    else:
-        f.seek(start)
-        base, pos = start, refill(0)
+    def failure(record_no, pos, error) -> CorpusError:  # one line: file, record, and the byte where json.load fails
+        if isinstance(error, UnicodeDecodeError):
+            at = pos + error.start
+            what = f"byte 0x{error.object[error.start]:02x} is not UTF-8 text (corpus files must be UTF-8)"
+        else:
+            at = error.value if isinstance(error, StopIteration) else error.pos
+            msg = "Expecting value" if isinstance(error, StopIteration) else error.msg
+            what = f"malformed JSON ({msg.removesuffix(' starting at').removesuffix(' at')})"
+            if eof and (at >= len(text) or msg.startswith("Unterminated string")):
+                what = "the file ends inside this record (cut short?)"
+        return CorpusError(f"{name}: record {record_no}, byte {base + at}: {what}")
+
+    pos = skip_space(refill(0))
+    pos = skip_space(pos + 3 if text.startswith("\xef\xbb\xbf", pos) else pos)  # tolerate a UTF-8 byte-order mark
+    if not text.startswith("[", pos):
+        raise CorpusError(f"{name}: byte {base + pos}: expected '[', the start of a JSON list of records")
+    pos = skip_space(pos + 1)
+    if text.startswith("]", pos):
+        return
     n = 0
     while True:
-        if stop is not None and base + pos >= stop:
-            if base + pos == stop:
-                return
-            raise SplitMiss(f"{name}: no record starts at byte {stop}")
         try:
             element, end = scan_once(text, pos)
             if end == len(text) and not eof:  # a number might continue in the next block
-                raise StopIteration
+                raise StopIteration(end)
             if not ascii_text and not text[pos:end].isascii():
                 element = json.loads(text[pos:end].encode("latin-1"))
         except (StopIteration, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
             if eof or len(text) - pos > MAX_RECORD_BYTES or isinstance(error, UnicodeDecodeError):
-                detail = "no JSON value" if isinstance(error, StopIteration) else str(error)
-                raise CorpusError(f"{name}: malformed JSON in record {n} at byte {base + pos} ({detail}); "
-                                  "json.load cannot read this file either") from None
+                raise failure(n, pos, error) from None
             pos = skip_space(refill(pos))
             continue
         yield base + pos, end - pos, element
@@ -178,12 +180,11 @@ def scan_json_array(f, name, start=None, stop=None) -> Iterator[tuple[int, int, 
             if text.startswith(",", pos):
                 separator = _SEPARATOR.match(text, pos)
             elif text.startswith("]", pos):
-                if stop is not None:
-                    raise SplitMiss(f"{name}: the list ended before byte {stop}")
                 return
             else:
-                found = repr(text[pos : pos + 20]) if pos < len(text) else "end of file"
-                raise CorpusError(f"{name}: expected ',' or ']' after record {n - 1}, found {found}")
+                what = "the file ends before the list is closed (cut short?)" if pos >= len(text) else \
+                    f"malformed JSON (expected ',' or ']' after the record, found {text[pos : pos + 20]!r})"
+                raise CorpusError(f"{name}: after record {n - 1}, byte {base + pos}: {what}")
         pos = separator.end()
 
 
@@ -194,18 +195,51 @@ def scan_jsonl(f, name) -> Iterator[tuple[int, int, object]]:
         if line.strip():
             try:
                 record = json.loads(line)
-            except ValueError:
+            except ValueError:  # including bytes that are not UTF-8
                 record = _MALFORMED
             yield offset, len(line.rstrip(b"\r\n")), record
         offset += len(line)
 
 
-def scan_records(f, path: Path):
-    """JSONL if the name ends in .jsonl or the first character opens an object, else one JSON list."""
-    head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+def is_jsonl(f, path: Path) -> bool:
+    """A JSON list starts with '['. JSONL is a .jsonl file, or one whose first line is a whole JSON object with more
+    lines after it. Anything else (an empty file, a single JSON object, other JSON) is not a corpus: CorpusError."""
+    leading = b"\xef\xbb\xbf \t\r\n"  # white space, and a UTF-8 byte-order mark
+    start = 0
+    while (block := f.read(1 << 16)) and not block.lstrip(leading):
+        start += len(block)
+    if not block:
+        raise CorpusError(f"{path}: the file is empty; expected a JSON list of records, or JSONL")
+    start += len(block) - len(block.lstrip(leading))  # the first value's byte
+    first = block.lstrip(leading)[:1]
     f.seek(0)
-    jsonl = path.suffix == ".jsonl" or head.startswith(b"{")
-    return scan_jsonl(f, path) if jsonl else scan_json_array(f, path)
+    if first == b"[":
+        return False
+    if path.suffix == ".jsonl":
+        return True
+    f.seek(start)
+    line = f.readline(MAX_RECORD_BYTES)
+    try:
+        whole_line = isinstance(json.loads(line), dict)
+    except ValueError:
+        whole_line = False
+    # any() stops at the next non-blank line: JSONL is told from a lone object without reading the file
+    more = whole_line and any(rest.strip() for rest in iter(lambda: f.readline(MAX_RECORD_BYTES), b""))
+    f.seek(0)
+    if more:
+        return True
+    if whole_line:
+        found = "a single JSON object"
+    elif first == b"{":
+        found = "a JSON object spanning several lines (JSONL with a broken first line? name it .jsonl)"
+    else:
+        found = repr(line[:20].decode("latin-1"))
+    raise CorpusError(f"{path}: expected a JSON list of records, or JSONL (one record per line); found {found} at "
+                      f"byte {start}")
+
+
+def scan_records(f, path: Path):
+    return scan_jsonl(f, path) if is_jsonl(f, path) else scan_json_array(f, path)
 
 
 def index_path(corpus_file: Path, cache_dir=None) -> Path:
@@ -221,8 +255,8 @@ def _source_stamp(corpus_file: Path) -> dict:
     return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def write_rows(corpus_file: Path, out, start=None, stop=None) -> int:
-    """Scan [start, stop) of a corpus file and append its index rows to the open file `out`; returns the count."""
+def write_rows(corpus_file: Path, out) -> int:
+    """Scan a corpus file and append its index rows to the open file `out`; returns the count."""
     config = file_config(corpus_file)
     columns = [array.array(code) for code in "QQIb"]  # offset, length, chars, config: compact while scanning
     count = 0
@@ -238,9 +272,7 @@ def write_rows(corpus_file: Path, out, start=None, stop=None) -> int:
 
     with open(corpus_file, "rb") as f:
         offsets, lengths, chars, configs = columns
-        scan = scan_records(f, corpus_file) if start is None and stop is None else \
-            scan_json_array(f, corpus_file, start, stop)
-        for offset, length, record in scan:
+        for offset, length, record in scan_records(f, corpus_file):
             n_chars, code = record_stats(record, config)
             offsets.append(offset)
             lengths.append(length)
@@ -252,75 +284,6 @@ def write_rows(corpus_file: Path, out, start=None, stop=None) -> int:
     return count
 
 
-PARALLEL_BYTES = 64 << 20  # JSON lists at least this large are indexed by one process per core
-MAX_PARTS = 16  # a big node has 100+ cores; more parts than this gain little and each holds ~30 MB
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def split_points(corpus_file: Path, parts: int) -> list[int]:
-    """Likely record starts near k/parts of the file: '}', ',', then '{' and the first key of the first record (a
-    nested object starts with other keys). A match inside a string is caught later, when the previous part's scan
-    fails to end exactly there (SplitMiss)."""
-    size, points = corpus_file.stat().st_size, []
-    with open(corpus_file, "rb") as f:
-        first = next(scan_json_array(f, corpus_file), (0, 0, None))[2]
-        if not isinstance(first, dict) or not first:
-            return []
-        key = json.dumps(next(iter(first))).encode()
-        boundary = re.compile(rb"\}[ \t\r\n]*,[ \t\r\n]*(\{)[ \t\r\n]*" + re.escape(key))
-        for k in range(1, parts):
-            f.seek(k * size // parts)
-            found = boundary.search(f.read(MAX_RECORD_BYTES))
-            if found and k * size // parts + found.start(1) > (points or [0])[-1]:
-                points.append(k * size // parts + found.start(1))
-    return points
-
-
-def index_part(args) -> tuple[str, int]:
-    corpus_file, part_file, start, stop = args
-    with open(part_file, "wb") as out:
-        return part_file, write_rows(Path(corpus_file), out, start, stop)
-
-
-def write_rows_parallel(corpus_file: Path, out, tmp: Path) -> int | None:
-    """Index a large JSON list in parts, one process per core; None if it is small, JSONL, or a split missed.
-
-    Part k scans from a candidate record start to the next one; it must end exactly there, so each part begins at
-    a true record start (part 0 begins at the list's start) and the rows are exactly those of one sequential scan.
-    """
-    cores = min(usable_cores(), MAX_PARTS)
-    if cores < 2 or corpus_file.stat().st_size < PARALLEL_BYTES or corpus_file.suffix == ".jsonl":
-        return None
-    points = split_points(corpus_file, cores)
-    if not points:
-        return None
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    bounds = list(zip([None] + points, points + [None]))
-    jobs = [(str(corpus_file), f"{tmp}.part{k}", start, stop) for k, (start, stop) in enumerate(bounds)]
-    try:  # fork, as torch's DataLoader workers: the parts run only this module's pure-Python scan
-        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("fork")) as pool:
-            parts = list(pool.map(index_part, jobs))
-        count = 0
-        for part_file, n in parts:
-            with open(part_file, "rb") as part:
-                while block := part.read(1 << 24):
-                    out.write(block)
-            count += n
-        return count
-    except (SplitMiss, CorpusError):  # a corpus error is reported with its true record number by the serial scan
-        out.seek(HEADER_BYTES)
-        out.truncate()
-        return None
-    finally:
-        for _, part_file, _, _ in jobs:
-            Path(part_file).unlink(missing_ok=True)
-
-
 def build_index(corpus_file: Path, index_file: Path) -> None:
     """Scan a corpus file once and write its index (to a temporary name, then renamed: ranks may race)."""
     stamp = _source_stamp(corpus_file)
@@ -329,9 +292,7 @@ def build_index(corpus_file: Path, index_file: Path) -> None:
     try:
         with open(tmp, "wb") as out:
             out.write(bytes(HEADER_BYTES))
-            count = write_rows_parallel(corpus_file, out, tmp)
-            if count is None:
-                count = write_rows(corpus_file, out)
+            count = write_rows(corpus_file, out)
             out.seek(0)
             out.write(json.dumps({**stamp, "records": count}).encode().ljust(HEADER_BYTES))
         os.replace(tmp, index_file)
@@ -419,7 +380,10 @@ def parse_record(raw: bytes) -> dict:
 
 
 def conversation(record, require_answer: bool = True) -> tuple[str, str | None]:
-    """(human text, answer) of a single-turn record (SPEC 4.5); answer is None if absent and not required."""
+    """(human text, answer) of a single-turn record; answer is None if absent and not required.
+
+    As the reference: a leading non-human turn (e.g. "system") is dropped, then exactly one human and one gpt turn.
+    """
     turns = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         raise RecordError("expected 'conversations': a list of {'from': ..., 'value': <text>} turns")
@@ -431,6 +395,8 @@ def conversation(record, require_answer: bool = True) -> tuple[str, str | None]:
     answer = turns[1]["value"] if len(turns) == 2 else None
     if require_answer and not answer.strip():
         raise RecordError("empty answer (gpt turn)")
+    if require_answer and AUDIO in answer:  # tokenised, it would become a placeholder and take another file's audio
+        raise RecordError(f"the answer (gpt turn) contains '{AUDIO}'; only the human turn may hold placeholders")
     return turns[0]["value"], answer
 
 
@@ -455,13 +421,30 @@ CHUNK = 30 * SAMPLE_RATE  # 480,000 samples: one Whisper window
 MAX_CHUNKS = 20  # 10 minutes per file, as the reference
 
 
+def relative_audio_path(path: str) -> str:
+    """A record's audio path as a relative POSIX path: corpus paths mix '/' and Windows '\\'.
+
+    A path that would leave the audio root is refused (RecordError): absolute, a drive letter, or '..' above the
+    root. Only the words are checked, so links inside the root may point anywhere.
+    """
+    relative = path.replace("\\", "/")
+    if relative.startswith("/") or re.match(r"[A-Za-z]:", relative) or \
+            ".." in relative and posixpath.normpath(relative).split("/")[0] == "..":
+        raise RecordError(f"audio path '{path}' leaves the audio root (--audio-root): corpus paths must be relative "
+                          "to it")
+    return relative
+
+
 def resolve_audio(audio_root, path: str) -> Path:
-    """Corpus paths mix '/' and Windows '\\' and are relative to an audio root."""
-    return Path(audio_root) / path.replace("\\", "/")
+    """audio_root / the relative path (training, evaluation); without a root (audio_root "" or None: files named on
+    the command line) the path is used as given."""
+    if not audio_root:
+        return Path(path.replace("\\", "/"))
+    return Path(audio_root) / relative_audio_path(path)
 
 
-def load_audio(path: Path) -> np.ndarray:
-    """Mono float32 at 16 kHz, as the reference gets from librosa.load (channel mean, then soxr 'HQ')."""
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, sample rate) of one file, decoded in full; RecordError if it cannot be used."""
     if not path.is_file():
         raise RecordError(f"audio file not found: {path} (check --audio-root)")
     try:
@@ -473,8 +456,18 @@ def load_audio(path: Path) -> np.ndarray:
     x = x.mean(axis=1)
     if not np.isfinite(x).all():
         raise RecordError(f"audio file contains NaN or infinite samples: {path}")
+    return x, sr
+
+
+def load_audio(path: Path) -> np.ndarray:
+    """Mono float32 at 16 kHz, as the reference gets from librosa.load (channel mean, then soxr 'HQ')."""
+    x, sr = read_audio(path)
     if sr != SAMPLE_RATE:
+        # librosa.resample then fixes the length to ceil(n * 16000 / sr), zero-padding or cutting the end: soxr
+        # alone rounds, often one sample shorter at 44.1 kHz (one chunk fewer with --compat-chunks at the edge)
+        n = int(np.ceil(len(x) * (SAMPLE_RATE / sr)))
         x = soxr.resample(x, sr, SAMPLE_RATE, quality="HQ")
+        x = np.pad(x[:n], (0, max(0, n - len(x))))
     return x.astype(np.float32, copy=False)
 
 
@@ -482,8 +475,8 @@ def split_chunks(x: np.ndarray, compat: bool = False, max_chunks: int = MAX_CHUN
     """(30 s chunks, number of chunks dropped beyond max_chunks).
 
     Default: exact 480,000-sample chunks (30 s is one chunk, 30 s + 1 sample two).
-    compat: the reference's slices of 480,001 samples (SPEC 2); the feature extractor truncates each to 480,000,
-    so one sample per full chunk is lost.
+    compat: the reference's slices of 480,001 samples (it advances by 480,001 while more than 480,000 remain); the
+    feature extractor truncates each to 480,000, so one sample per full chunk is lost.
     """
     step = CHUNK + 1 if compat else CHUNK
     chunks = [x[start : start + step] for start in range(0, len(x), step)]
@@ -627,14 +620,17 @@ def shuffled_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int, types=None) -> np.ndarray:
-    """Stage 2: the reference's modality+length grouping (SPEC 7), one megabatch = one optimizer step.
+    """Stage 2: the reference's modality+length grouping (length = characters of all turns), one megabatch = one
+    optimizer step.
 
     Per type: random permutation, stable sort by length descending (ties keep the random order), cut into
-    megabatches of global_batch records; the last partial megabatch of each type goes to a leftover pool. All full
-    megabatches are shuffled; the leftover pool, sorted by index, comes last (and is dropped with the incomplete last
-    global batch). "Type" is the reference's audio/image/text split: every LLaSO record has audio, so the default is
-    one type — "grouped by modality" then changes nothing and the grouping is by length only. Passing
-    types=corpus.configs() would group by modality configuration as well; that is not what the reference does.
+    megabatches of global_batch records; the last megabatch of each type goes to a leftover pool, even when it is
+    full (a record count that is a multiple of global_batch). The other megabatches are shuffled; the leftover pool,
+    sorted by index, comes last (its incomplete last global batch is dropped by StepSampler).
+
+    "Type" is the reference's audio/image/text split: every LLaSO record has audio, so the default is one type —
+    "grouped by modality" then changes nothing and the grouping is by length only. Passing types=corpus.configs()
+    would group by modality configuration as well; that is not what the reference does.
     """
     rng = np.random.default_rng([seed, epoch])
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -644,9 +640,9 @@ def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
         idx = np.flatnonzero(types == t)
         idx = idx[rng.permutation(len(idx))]
         idx = idx[np.argsort(-lengths[idx], kind="stable")]
-        n_full = len(idx) // global_batch * global_batch
-        megabatches.append(idx[:n_full].reshape(-1, global_batch))
-        leftover.append(idx[n_full:])
+        n_shuffled = (len(idx) - 1) // global_batch * global_batch  # all megabatches but the last
+        megabatches.append(idx[:n_shuffled].reshape(-1, global_batch))
+        leftover.append(idx[n_shuffled:])
     megabatches = np.concatenate(megabatches)
     return np.concatenate([megabatches[rng.permutation(len(megabatches))].ravel(), np.sort(np.concatenate(leftover))])
 
@@ -696,19 +692,31 @@ def iter_raw_records(path: Path, index: np.ndarray) -> Iterator[tuple[int, bytes
             yield record_no, f.read(int(row["length"]))
 
 
-def check_audio(path: Path) -> str | None:
-    """Why the audio file is unusable (missing, unreadable, empty), or None. Header only, no decoding."""
+def check_audio(path: Path, decode: bool = False) -> str | None:
+    """Why the audio file is unusable, or None. Header only: missing, unreadable or empty. decode=True decodes it
+    all, as training does: also data that does not decode, and NaN or infinite samples."""
+    if decode:
+        try:
+            read_audio(path)
+        except RecordError as error:
+            return str(error)
+        return None
     if not path.is_file():
-        return "audio file not found"
+        return f"audio file not found: {path}"
     try:
         info = sf.info(path)
     except (RuntimeError, OSError) as error:
-        return f"unreadable audio file ({error})"
-    return "empty audio file" if info.frames == 0 else None
+        return f"unreadable audio file {path}: {error}"
+    return f"empty audio file (0 samples): {path}" if info.frames == 0 else None
 
 
-def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=sys.stdout) -> int:
-    """Print records per file and modality configuration, and every problem found; return the exit code."""
+def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=sys.stdout,
+              decode: bool = False) -> int:
+    """Print records per file and modality configuration, and every problem found; return the exit code.
+
+    Records are checked as the dataset checks them (except tokenisation); with audio_root, every audio file is
+    checked by its header, or decoded in full with decode=True.
+    """
     try:
         corpus = Corpus(paths, cache_dir)
     except CorpusError as error:
@@ -731,21 +739,28 @@ def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=
         totals += counts
         table_row(counts, path)
         for record_no, raw in iter_raw_records(path, index):  # one record at a time: memory stays flat
+            where = f"{path} record {record_no}"
             try:
                 record = parse_record(raw)
                 voices = voice_paths(record, conversation(record)[0])
             except RecordError as error:
-                report("malformed", f"{path} record {record_no}", error)
+                report("malformed", where, error)
                 continue
-            for audio in [resolve_audio(audio_root, v) for v in voices] if audio_root is not None else []:
-                reason = check_audio(audio)
+            for voice in voices:
+                try:  # a path that leaves the root is found without --audio-root too
+                    relative = relative_audio_path(voice)
+                except RecordError as error:
+                    report("audio", where, error)
+                    continue
+                reason = check_audio(Path(audio_root) / relative, decode) if audio_root is not None else None
                 if reason:
-                    report("audio", f"{path} record {record_no}", f"{reason}: {audio}")
+                    report("audio", where, reason)
     table_row(totals, f"total ({len(corpus.files)} files)")
     if sum(problems.values()) > max_listed:
         print(f"... only the first {max_listed} problems are listed", file=out)
-    print(f"malformed records: {problems['malformed']}, audio problems: {problems['audio']}"
-          + ("" if audio_root is not None else " (not checked: no --audio-root)"), file=out)
+    checked = "audio files not checked (no --audio-root)" if audio_root is None else \
+        "audio check: every file decoded" if decode else "audio check: headers only (--decode decodes every file)"
+    print(f"malformed records: {problems['malformed']}, audio problems: {problems['audio']}; {checked}", file=out)
     return 1 if problems else 0
 
 
@@ -753,11 +768,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Index LLaSO corpora and check them before a run.")
     parser.add_argument("corpus", nargs="+", help="corpus JSON/JSONL files or folders (searched recursively)")
     parser.add_argument("--audio-root", help="folder the 'voice' paths are relative to; checks that every file opens")
+    parser.add_argument("--decode", action="store_true", help="decode every audio file in full (slow): also finds "
+                        "NaN/infinite samples and data that does not decode; default: headers only")
     parser.add_argument("--cache-dir", help=f"where to keep indexes if not beside the corpus (default: beside it "
                         f"if writable, else {DEFAULT_CACHE_DIR})")
     parser.add_argument("--max-listed", type=int, default=50, help="problems printed in full")
     args = parser.parse_args(argv)
-    return preflight(args.corpus, args.audio_root, args.cache_dir, args.max_listed)
+    if args.decode and args.audio_root is None:
+        parser.error("--decode needs --audio-root")
+    return preflight(args.corpus, args.audio_root, args.cache_dir, args.max_listed, decode=args.decode)
 
 
 if __name__ == "__main__":

@@ -80,51 +80,6 @@ def test_index_yields_exactly_what_json_load_yields(tmp_path, monkeypatch, block
     assert corpus.configs().tolist() == [0 if i % 3 else 1 for i in range(len(expected))]  # by placeholder position
 
 
-def rows(index_file):
-    return np.fromfile(index_file, D.INDEX_DTYPE, offset=D.HEADER_BYTES)
-
-
-@pytest.mark.parametrize("indent", [None, 2])
-def test_parallel_index_build_equals_one_scan(tmp_path, monkeypatch, indent):
-    """Large JSON lists are indexed in parts by several processes: the rows must be those of one sequential scan."""
-    path = tmp_path / "corpus.json"
-    path.write_text(json.dumps(tricky_records(400), ensure_ascii=False, indent=indent), encoding="utf-8")
-    D.build_index(path, tmp_path / "serial.idx")  # below PARALLEL_BYTES: one scan
-    monkeypatch.setattr(D, "PARALLEL_BYTES", 0)
-    monkeypatch.setattr(D, "usable_cores", lambda: 5)
-    assert len(D.split_points(path, 5)) == 4  # the file really is split
-    with open(tmp_path / "out", "wb") as out:  # and the parts are used (no fallback to one scan)
-        out.write(bytes(D.HEADER_BYTES))
-        assert D.write_rows_parallel(path, out, tmp_path / "out") == 400
-    D.build_index(path, tmp_path / "parallel.idx")
-    serial, parallel = rows(tmp_path / "serial.idx"), rows(tmp_path / "parallel.idx")
-    assert len(serial) == 400 and np.array_equal(serial, parallel)
-    raw = path.read_bytes()
-    assert [json.loads(raw[o : o + n]) for o, n in parallel[["offset", "length"]].tolist()] == json.load(open(path))
-
-
-def test_parallel_index_build_refuses_a_split_inside_a_record(tmp_path, monkeypatch):
-    """A nested object that looks like a record start ("}, {" then the records' first key) is not a record start:
-    the part before it cannot end there, and the build falls back to one scan with the same rows."""
-    records = tricky_records(200)
-    for r in records:
-        r["metadata"]["alternatives"] = [{"voice": "x"}, {"voice": "y"}]
-    path = tmp_path / "corpus.json"
-    path.write_text(json.dumps(records), encoding="utf-8")
-    D.build_index(path, tmp_path / "serial.idx")
-    nested = path.read_bytes().index(b'{"voice": "y"}', len(path.read_bytes()) // 2)
-    with open(path, "rb") as f, pytest.raises(D.SplitMiss):
-        list(D.scan_json_array(f, path, None, nested))
-    monkeypatch.setattr(D, "PARALLEL_BYTES", 0)
-    monkeypatch.setattr(D, "usable_cores", lambda: 2)
-    monkeypatch.setattr(D, "split_points", lambda *_: [nested])
-    with open(tmp_path / "out", "wb") as out:
-        out.write(bytes(D.HEADER_BYTES))
-        assert D.write_rows_parallel(path, out, tmp_path / "out") is None
-    D.build_index(path, tmp_path / "fallback.idx")
-    assert np.array_equal(rows(tmp_path / "serial.idx"), rows(tmp_path / "fallback.idx"))
-
-
 def test_jsonl_and_broken_lines(tmp_path):
     records = tricky_records(50)
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
@@ -142,11 +97,55 @@ def test_jsonl_and_broken_lines(tmp_path):
     assert corpus.configs()[10] == -1
 
 
-def test_broken_json_list_names_file_and_record(tmp_path):
-    path = tmp_path / "broken.json"
-    path.write_text(json.dumps([record("a.wav")] * 3).replace("}, {", "} {", 1))
-    with pytest.raises(D.CorpusError, match=r"broken\.json.*record 0"):
+def four_records() -> bytes:
+    """A JSON list of four records with non-ASCII answers, so that byte offsets differ from character offsets."""
+    return json.dumps([record(f"a{i}.wav", answer=f"Résumé {i}.") for i in range(4)], ensure_ascii=False).encode()
+
+
+def broken_files() -> dict:
+    """name: (file bytes, what the error must say). The byte offsets are json.load's own (the oracle)."""
+    def json_load_fails_at(data):  # the byte where json.load stops
+        with pytest.raises(json.JSONDecodeError) as error:
+            json.loads(data.decode())
+        return len(data.decode()[: error.value.pos].encode())
+
+    raw = four_records()
+    at = raw.index(b'"from": "gpt"', raw.index(b"a2.wav"))
+    syntax = raw[:at] + b'"from" "gpt"' + raw[at + 13 :]
+    at = raw.index("é".encode(), raw.index(b"a2.wav"))
+    not_utf8 = raw[:at] + b"\xff" + raw[at + 2 :]
+    with pytest.raises(UnicodeDecodeError) as error:
+        not_utf8.decode()
+    one_object = json.dumps({"records": json.loads(raw)}, indent=2).encode()  # a dict of 4 records, pretty-printed
+    return {"syntax.json": (syntax, f"record 2, byte {json_load_fails_at(syntax)}: malformed JSON (Expecting ':' "
+                                    "delimiter)"),
+            "not_utf8.json": (not_utf8, f"record 2, byte {error.value.start}: byte 0xff is not UTF-8"),
+            "cut.json": (raw[:-30], f"record 3, byte {json_load_fails_at(raw[:-30])}: the file ends inside this "
+                                    "record"),
+            "empty.json": (b"", "the file is empty"),
+            "empty.jsonl": (b"\n \n", "the file is empty"),
+            "dict.json": (one_object, "expected a JSON list of records, or JSONL"),
+            "one_line_dict.json": (json.dumps(record("a.wav")).encode(), "expected a JSON list of records, or JSONL")}
+
+
+@pytest.mark.parametrize("name", list(broken_files()))
+def test_broken_corpus_file_is_one_line_naming_file_record_and_byte(tmp_path, name):
+    data, words = broken_files()[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(D.CorpusError) as error:
         D.Corpus(path, cache_dir=tmp_path / "cache")
+    assert str(error.value).startswith(f"{path}: ") and words in str(error.value) and "\n" not in str(error.value)
+    assert not list((tmp_path / "cache").glob("*"))  # no index of a broken file
+
+
+def test_a_json_list_and_jsonl_are_told_apart_by_content(tmp_path):
+    lines = tmp_path / "lines.json"  # JSONL under a .json name (the first line is a whole object, more follow)
+    lines.write_text("\n".join(json.dumps(record(f"a{i}.wav")) for i in range(3)))
+    listed = tmp_path / "list.jsonl"  # a JSON list under a .jsonl name
+    listed.write_text(json.dumps([record(f"b{i}.wav") for i in range(2)], indent=2))
+    corpus = D.Corpus([lines, listed], cache_dir=tmp_path / "cache")
+    assert [corpus.read(i)["voice"] for i in range(5)] == ["a0.wav", "a1.wav", "a2.wav", "b0.wav", "b1.wav"]
 
 
 def test_folder_tree_and_modality_configs(tmp_path):
@@ -258,6 +257,11 @@ def test_audio_loading(tmp_path):
         assert y.dtype == np.float32 and len(y) == 32_000  # 2 s at 16 kHz
         np.testing.assert_array_equal(y, soxr.resample(x, sr, 16_000, quality="HQ"))
     assert D.resolve_audio(tmp_path, "sub\\dir/a\\b.wav") == tmp_path / "sub/dir/a/b.wav"
+    assert D.resolve_audio(tmp_path, "sub/../b.wav") == tmp_path / "sub/../b.wav"  # stays inside the root
+    for outside in ("/data/x.wav", "..\\..\\x.wav", "a/../../x.wav", "C:\\audio\\x.wav", "\\\\server\\x.wav"):
+        with pytest.raises(D.RecordError, match="leaves the audio root"):
+            D.resolve_audio(tmp_path, outside)
+    assert D.resolve_audio("", "/data/x.wav") == Path("/data/x.wav")  # no root: files named on the command line
 
     bad = {"empty": write_wav(tmp_path / "empty.wav", np.zeros(0, np.float32)),
            "unreadable": tmp_path / "corrupt.wav",
@@ -268,6 +272,22 @@ def test_audio_loading(tmp_path):
         with pytest.raises(D.RecordError, match=reason) as error:
             D.load_audio(path)
         assert str(path) in str(error.value)
+
+
+def test_resampled_length_is_librosas(tmp_path):
+    """librosa.resample, which the reference calls, fixes the length to ceil(n * 16000 / sr) (zero-padding the end);
+    soxr alone gives one sample fewer for these 44.1 kHz lengths."""
+    rng = np.random.default_rng(0)
+    for n in (44_001, 44_004, 1_323_003):  # 1 s, 30 s (+ a few samples) at 44.1 kHz
+        x = rng.normal(0, 0.1, n).astype(np.float32)
+        plain = soxr.resample(x, 44_100, 16_000, quality="HQ")
+        assert len(plain) == -(-n * 16_000 // 44_100) - 1  # the case that differed
+        y = D.load_audio(write_wav(tmp_path / f"{n}.wav", x, 44_100, subtype="FLOAT"))
+        assert len(y) == -(-n * 16_000 // 44_100)
+        np.testing.assert_array_equal(y[:-1], plain)
+        assert y[-1] == 0
+    # with --compat-chunks the reference cuts ceil(480,002 / 480,001) = 2 chunks from the 30 s file, not 1
+    assert len(D.split_chunks(y, compat=True)[0]) == 2
 
 
 # ---------------------------------------------------------------------------------------------------- samplers
@@ -318,6 +338,41 @@ def test_grouped_sampler_follows_the_reference_megabatch_scheme():
     assert run(order, 1, 16, 2) == run(order, 1, 32, 1)
     by_type = D.grouped_order(lengths, G, 42, 0, types=np.arange(1000) % 2)
     assert all(len(set(s % 2)) == 1 for s in by_type[: 1000 // G * G].reshape(-1, G)[:-1])
+
+
+def reference_grouped_order(lengths, types, megabatch_size, rng):
+    """A port of the reference's stage-2 order (EIT-NLP/LLaSO llaso/train/llava_trainer.py:
+    get_modality_length_grouped_indices with get_length_grouped_indices on its default path), line for line in
+    plain Python. Only its torch.randperm calls are replaced by rng.permutation, drawn in the same order."""
+    indices_by_type = {t: [] for t in set(types)}
+    lengths_by_type = {t: [] for t in set(types)}
+    for i, length in enumerate(lengths):
+        indices_by_type[types[i]].append(i)
+        lengths_by_type[types[i]].append(length)
+    megabatches, additional_batch = [], []
+    for t in indices_by_type:
+        mm_indices, mm_lengths = indices_by_type[t], lengths_by_type[t]
+        by_length = sorted(rng.permutation(len(mm_lengths)).tolist(), key=lambda i: mm_lengths[i], reverse=True)
+        mm_shuffle = [mm_indices[i] for i in by_length]
+        mm_megabatches = [mm_shuffle[i : i + megabatch_size] for i in range(0, len(mm_shuffle), megabatch_size)]
+        additional_batch += mm_megabatches[-1]
+        megabatches += mm_megabatches[:-1]
+    megabatches = [megabatches[i] for i in rng.permutation(len(megabatches)).tolist()]
+    if len(additional_batch) > 0:
+        megabatches.append(sorted(additional_batch))
+    return [i for megabatch in megabatches for i in megabatch]
+
+
+@pytest.mark.parametrize("n", [5, 32, 33, 96, 100, 320, 1000, 1024])  # 32, 96, 320, 1024: multiples of the batch
+@pytest.mark.parametrize("n_types", [1, 2])
+def test_grouped_order_equals_the_reference(n, n_types):
+    rng = np.random.default_rng(n)
+    lengths = rng.integers(1, 40, n).tolist()  # many ties: the sorts must be stable the same way
+    types = [i % n_types for i in range(n)] if n_types > 1 else [0] * n
+    G, seed, epoch = 32, 42, 3
+    expected = reference_grouped_order(lengths, types, G, np.random.default_rng([seed, epoch]))
+    order = D.grouped_order(np.array(lengths), G, seed, epoch, types=np.array(types) if n_types > 1 else None)
+    assert order.tolist() == expected
 
 
 # ---------------------------------------------------------------------------------------------------- dataset, batch
@@ -407,7 +462,90 @@ def test_bad_records_are_skipped_named_and_counted(tmp_path, tokenizer, features
         strict[1]
 
 
+def test_audio_placeholder_in_an_answer_is_skipped_and_takes_no_audio(tmp_path, tokenizer, features, make_tiny):
+    """Tokenised, '<audio>' in an answer is a placeholder: in a batch it took the next record's audio, then splice
+    ran out of audio (IndexError)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    write_wav(tmp_path / "audio/a.wav", np.sin(np.arange(16_000) / 5).astype(np.float32) * 0.3)
+    write_wav(tmp_path / "audio/b.wav", rng.normal(0, 0.3, 16_000).astype(np.float32))
+    path = tmp_path / "corpus.json"
+    path.write_text(json.dumps([record(["a.wav"], answer="It says <audio> twice."), record(["b.wav"])]))
+    dataset = D.LLaSODataset(D.Corpus(path, cache_dir=tmp_path / "cache"), tokenizer, features, tmp_path / "audio")
+    batch, alone = D.collate([dataset[0], dataset[1]]), D.collate([dataset[1]])
+
+    assert [(file, no) for file, no, _ in batch["skipped"]] == [(str(path), 0)]
+    assert "the answer (gpt turn) contains '<audio>'" in batch["skipped"][0][2]
+    assert torch.equal(batch["mels"], alone["mels"]) and batch["audio_chunks"].tolist() == [1]
+    assert [ids.tolist() for ids in batch["input_ids"]] == [ids.tolist() for ids in alone["input_ids"]]
+    model = make_tiny()
+    with torch.no_grad():
+        assert torch.equal(model(batch), model(alone))
+
+
+def test_audio_paths_that_leave_the_root_are_skipped(tmp_path, tokenizer, features):
+    root = tmp_path / "data/audio"
+    write_wav(root / "dir/ok.wav", np.full(16_000, 0.1, np.float32))
+    outside = write_wav(tmp_path / "x.wav", np.full(16_000, 0.1, np.float32))  # readable, but not under the root
+    path = tmp_path / "corpus.json"
+    path.write_text(json.dumps([record("dir\\ok.wav"), record(str(outside)), record("..\\..\\x.wav"),
+                                record("dir/../dir\\ok.wav")]))
+    dataset = D.LLaSODataset(D.Corpus(path, cache_dir=tmp_path / "cache"), tokenizer, features, root)
+    batch = D.collate([dataset[i] for i in range(4)])
+    assert batch["indices"] == [0, 3]
+    assert [(no, reason) for _, no, reason in batch["skipped"]] == [
+        (1, f"audio path '{outside}' leaves the audio root (--audio-root): corpus paths must be relative to it"),
+        (2, "audio path '..\\..\\x.wav' leaves the audio root (--audio-root): corpus paths must be relative to it")]
+
+
 # ---------------------------------------------------------------------------------------------------- preflight
+
+
+def preflight_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_preflight_cli_refuses_broken_corpus_files(tmp_path):
+    for name, (data, words) in broken_files().items():
+        (tmp_path / name).write_bytes(data)
+        result = preflight_cli(tmp_path / name, "--cache-dir", tmp_path / "cache")
+        assert result.returncode == 2 and result.stderr == "", result.stderr
+        assert result.stdout.startswith(f"error: {tmp_path / name}: ") and result.stdout.count("\n") == 1
+        assert words in result.stdout
+
+
+def test_preflight_cli_lists_what_training_would_skip(tmp_path):
+    audio = tmp_path / "audio"
+    write_wav(audio / "spk/good.wav", np.full(1600, 0.1, np.float32))
+    write_wav(audio / "spk/nan.wav", np.array([0.1, np.nan, 0.2], np.float32), subtype="FLOAT")
+    write_wav(audio / "spk/inf.wav", np.array([0.1, np.inf, 0.2], np.float32), subtype="FLOAT")
+    sf.write(audio / "spk/broken.flac", np.random.default_rng(0).normal(0, 0.3, 48_000).astype(np.float32), 16_000)
+    flac = bytearray((audio / "spk/broken.flac").read_bytes())  # a good header, then frames that do not decode
+    flac[len(flac) // 2 : len(flac) // 2 + 2000] = b"\xab" * 2000
+    (audio / "spk/broken.flac").write_bytes(bytes(flac))
+    write_wav(tmp_path / "x.wav", np.full(1600, 0.1, np.float32))
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text(json.dumps([record("spk\\good.wav"), record("spk\\nan.wav"), record("spk\\inf.wav"),
+                                  record("spk\\broken.flac"), record("..\\x.wav"),
+                                  record("spk\\good.wav", answer="It says <audio>.")]))
+    run = {decode: preflight_cli(corpus, "--audio-root", audio, "--cache-dir", tmp_path, *["--decode"] * decode)
+           for decode in (False, True)}
+    for result in run.values():
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"audio: {corpus} record 4: audio path '..\\x.wav' leaves the audio root" in result.stdout
+        assert f"malformed: {corpus} record 5: the answer (gpt turn) contains '<audio>'" in result.stdout
+    assert "record 1" not in run[False].stdout and "record 3" not in run[False].stdout  # headers are fine
+    assert "audio problems: 1; audio check: headers only" in run[False].stdout
+    for no, words in {1: "audio file contains NaN", 2: "audio file contains NaN", 3: "unreadable audio file"}.items():
+        assert f"audio: {corpus} record {no}: {words}" in run[True].stdout
+    assert "audio problems: 4; audio check: every file decoded" in run[True].stdout
+    no_root = preflight_cli(corpus, "--cache-dir", tmp_path)  # the path check needs no audio root
+    assert no_root.returncode == 1 and "record 4: audio path '..\\x.wav' leaves the audio root" in no_root.stdout
+    assert "audio problems: 1; audio files not checked (no --audio-root)" in no_root.stdout
+
+
 
 
 def test_preflight_cli_names_missing_audio(tmp_path):
@@ -418,8 +556,7 @@ def test_preflight_cli_names_missing_audio(tmp_path):
     corpus.write_text(json.dumps([record("spk\\a.wav"), record(["spk\\gone.wav"]), record(["spk\\a.wav"])]))
 
     def preflight(*args):
-        return subprocess.run([sys.executable, str(ROOT / "data.py"), str(corpus), "--cache-dir", str(tmp_path),
-                               *args], capture_output=True, text=True, timeout=60)
+        return preflight_cli(corpus, "--cache-dir", tmp_path, *args)
 
     ok = preflight()  # without --audio-root only the records are checked
     assert ok.returncode == 0, ok.stdout + ok.stderr
