@@ -366,7 +366,7 @@ def build(clips):
         put("pure_audio", "alpaca_gpt4_end", records(
             f"{split.audio}-alpaca-end", u, cycle(PURE_AUDIO_PROMPTS, len(u)), [a for _, a in questions]))
 
-    # the reference trains stage 2 on one merged file (SPEC 5.2); same records, Instruct files in order
+    # the reference trains stage 2 on one merged file (LLaSO-Instruct's merged release); same records, Instruct files in order
     files["LLaSO-Instruct/merged/stage2_train.json"] = [
         r for rel, recs in files.items() if rel.startswith("LLaSO-Instruct/") for r in recs]
     return files
