@@ -1,7 +1,7 @@
 """Stage 1 of LLaSO (alignment): train the projector on ASR, encoder and LLM frozen. Also the training loop of
 both stages: instruct.py (stage 2) imports it and passes in what differs.
 
-    config -> set-up -> data -> model -> resume -> wrapping -> optimizer -> loop (checkpoints) -> final artifact
+    config -> set-up -> --out -> data -> resume check -> model -> wrapping -> optimizer -> loop -> final artifact
 
 Tiny run on CPU (tiny random Whisper + Llama, the bundled sample corpus, a minute or two):
 
@@ -20,13 +20,16 @@ Several nodes (run the same command on every node; HEAD = address of any one of 
 
 Outputs in --out: log.jsonl (one line per optimizer step), ckpt-NNNNNNN/ (resumable checkpoints, the last --keep),
 and at the end projector.safetensors + llaso_config.json (LLaSO.load) and mm_audio_aligner.bin (the reference's
-format). --resume continues from the newest checkpoint with the same batches and the same losses.
+format). A run never writes over an earlier one in --out: --resume continues it from its newest checkpoint (same
+batches, same losses; refused if a setting that changes the trajectory differs), --overwrite deletes it first.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -41,6 +44,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
@@ -71,15 +75,18 @@ class Config:
     data: list = knob([], "corpus JSON/JSONL files or folders (folders are searched recursively)")
     audio_root: str = knob("", "folder the records' audio paths are relative to")
     encoder: str = knob(M.ModelConfig.encoder, "Whisper checkpoint: hub id or directory (default: the paper's "
-                        "Whisper-large-v3)")
+                        "Whisper-large-v3; with --init the artifact's own encoder)")
     llm: str = knob(M.ModelConfig.llm, "causal LM + tokenizer: hub id or directory (default: the paper's "
                     "Llama-3.2-3B-Instruct)")
     projector: str = knob("", "stage-1 output directory (or its projector.safetensors) to start the projector "
                           "from", stage=2)
     init: str = knob("", "continue fine-tuning a whole model: a stage-2 artifact or the released LLaSO-Base "
-                     "checkpoint (replaces --llm and --projector; --encoder gives its Whisper)", stage=2)
+                     "checkpoint (replaces --llm and --projector; it keeps its own encoder unless --encoder is "
+                     "given)", stage=2)
     out: str = knob("out/align", "output directory: log.jsonl, checkpoints, the final model")
-    resume: bool = knob(False, "continue from the newest checkpoint in --out (same batches, same losses)")
+    overwrite: bool = knob(False, "delete the run already in --out (log, checkpoints, model) and start afresh")
+    resume: bool = knob(False, "continue the run in --out from its newest checkpoint (same batches, same losses); "
+                        "refused if a setting that changes the trajectory differs")
     batch_size: int = knob(2, "micro-batch per device")
     grad_accum: int = knob(32, "micro-batches per optimizer step on each device")
     lr: float = knob(1e-3, "peak learning rate")
@@ -89,8 +96,9 @@ class Config:
     weight_decay: float = 0.0
     clip: float = knob(1.0, "max global gradient norm; 0 disables clipping (as the reference's run effectively "
                        "did)")
-    epochs: int = knob(1, "passes over the data")
-    max_steps: int = knob(0, "stop after this many optimizer steps (also the length of the LR schedule); 0 = all")
+    epochs: int = knob(1, "passes over the data (unless --max-steps is given)")
+    max_steps: int = knob(0, "the run's length in optimizer steps, repeating epochs as needed (also the length "
+                          "of the LR schedule); 0 = --epochs passes")
     stop_after: int = knob(0, "end this session after this step, schedule unchanged (for job time limits; "
                            "--resume later)")
     seed: int = knob(42, "seed of the data order and of the fresh projector")
@@ -136,7 +144,7 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
     cfg = config_class()
     if args.pop("preset") == "tiny":
         tiny = dict(TINY[stage], audio_root=str(SAMPLE / "audio"))
-        if not (args["encoder"] and args["llm"]):
+        if not (args["encoder"] and args["llm"]) and not args.get("init"):
             models = M.preset("tiny")  # written once to $LLASO_CACHE
             tiny.update(encoder=models.encoder, llm=models.llm)
         for key, value in tiny.items():
@@ -144,8 +152,12 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
     for key, value in args.items():
         if value is not None:
             setattr(cfg, key, value)
+    if cfg.init and args["encoder"] is None:
+        cfg.encoder = ""  # the artifact's own encoder (LLaSO.load's choice)
     if not cfg.data or not cfg.audio_root:
         parser.error("--data and --audio-root are required (or use --preset tiny)")
+    if cfg.resume and cfg.overwrite:
+        parser.error("--resume continues the run in --out and --overwrite deletes it: give one of them")
     return cfg
 
 
@@ -287,11 +299,31 @@ def gather(obj, env: Env) -> list:
     return objs
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --out: one run per folder
+
+RUN_FILES = ["log.jsonl", "llaso_config.json", "projector.safetensors", "mm_audio_aligner.bin", "llm", "encoder"]
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted(out.glob("ckpt-*"))  # complete by construction: a checkpoint appears by rename only
+
+
 def prepare_out(cfg: Config, env: Env) -> Path:
+    """A fresh run into a folder that holds a run is refused: --resume continues that run, --overwrite deletes
+    what a run writes there (log, checkpoints, model; nothing else) and starts afresh."""
     out = Path(cfg.out)
     if env.master:
+        earlier = checkpoints(out) + [out / name for name in RUN_FILES if (out / name).exists()]
+        if earlier and not cfg.resume:
+            if not cfg.overwrite:
+                raise SystemExit(f"{out} holds an earlier run ({', '.join(p.name for p in earlier[:4])}): pass "
+                                 "--resume to continue it, --overwrite to delete it and start afresh, or choose "
+                                 "another --out")
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        for tmp in out.glob(".tmp-ckpt-*"):  # left by a crash during a save
+        for tmp in out.glob(".tmp-*"):  # left by a crash during a save
             shutil.rmtree(tmp)
     return out
 
@@ -304,7 +336,8 @@ def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
     torch.manual_seed(cfg.seed)  # the fresh projector is the same on every rank
     llm_dtype = torch.float32 if stage.number == 2 else env.frozen_dtype
     if cfg.init:
-        model = M.LLaSO.load(cfg.init, encoder=cfg.encoder, encoder_dtype=env.frozen_dtype, llm_dtype=llm_dtype)
+        model = M.LLaSO.load(cfg.init, encoder=cfg.encoder or None, encoder_dtype=env.frozen_dtype,
+                             llm_dtype=llm_dtype)
     else:
         projector = cfg.projector
         if projector and Path(projector).is_dir():
@@ -326,10 +359,14 @@ def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
 
 
 def load_corpus(cfg: Config, env: Env) -> D.Corpus:
-    """Rank 0 indexes the corpus first; the others then reuse its index."""
+    """Rank 0 indexes the corpus first; the others then reuse its index. A file that is not a JSON list of
+    records, nor JSONL, ends the run with one line naming file, record and byte."""
     if env.distributed and not env.master:
         dist.barrier()
-    corpus = D.Corpus(cfg.data)
+    try:
+        corpus = D.Corpus(cfg.data)
+    except D.CorpusError as error:
+        raise SystemExit(f"error: {error}") from None
     if env.distributed and env.master:
         dist.barrier()
     return corpus
@@ -339,7 +376,7 @@ def load_corpus(cfg: Config, env: Env) -> D.Corpus:
 class Plan:
     global_batch: int  # records per optimizer step, all ranks together
     steps_per_epoch: int  # the incomplete last global batch of an epoch is dropped on every rank
-    total: int  # the run's length in optimizer steps (and the LR schedule's)
+    total: int  # the run's (and the LR schedule's) length: --max-steps, else --epochs passes
     warmup: int
     end: int  # where this session stops: --stop-after, else total
 
@@ -347,18 +384,20 @@ class Plan:
 def plan_steps(cfg: Config, records: int, env: Env) -> Plan:
     global_batch = cfg.batch_size * cfg.grad_accum * env.world
     steps_per_epoch = records // global_batch
-    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    if total == 0:
+    if steps_per_epoch == 0:
         raise SystemExit(f"{records} records make no full global batch of {global_batch}: lower --batch-size "
                          "or --grad-accum")
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    if total <= 0:
+        raise SystemExit("the run has no steps: give --epochs or --max-steps a positive value")
     end = min(total, cfg.stop_after) if cfg.stop_after else total
     return Plan(global_batch, steps_per_epoch, total, warmup_steps(total, cfg.warmup_ratio), end)
 
 
 def micro_batches(stage: Stage, corpus, dataset, cfg: Config, plan: Plan, env: Env, first_step: int):
-    """This rank's micro-batches from optimizer step `first_step` on: step t of the run is step
-    t % steps_per_epoch of epoch t // steps_per_epoch, each epoch in its own order."""
-    for epoch in range(first_step // plan.steps_per_epoch, cfg.epochs):
+    """This rank's micro-batches from optimizer step `first_step` on, for as many epochs as the run needs: step t
+    of the run is step t % steps_per_epoch of epoch t // steps_per_epoch, each epoch in its own order."""
+    for epoch in itertools.count(first_step // plan.steps_per_epoch):
         order = stage.order(corpus, cfg.seed, plan.global_batch, epoch)
         start = max(0, first_step - epoch * plan.steps_per_epoch)
         sampler = D.StepSampler(order, cfg.batch_size, cfg.grad_accum, env.world, env.rank, start_step=start)
@@ -373,33 +412,65 @@ def stand_in_batch(model: M.LLaSO) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Resume: trainable weights go in before wrapping, the optimizer state after
+# Resume: a checkpoint continues only the run that wrote it. Trainable weights go in before wrapping, the
+# optimizer state after.
+
+# Settings a resumed run may change: none of them moves the training trajectory. Every other Config field and
+# every fact run_settings adds must be what the checkpoint recorded. grad_accum may trade against the number of
+# ranks (the same micro-batches, more or fewer per rank): global_batch and batch_size must match.
+MAY_CHANGE = {"workers", "save_every", "keep", "stop_after", "resume", "overwrite", "strict", "peak_tflops", "out",
+              "grad_accum"}
 
 
-def find_resume(cfg: Config, plan: Plan) -> tuple[Path, dict] | None:
-    """The newest checkpoint in --out and its state, when resuming."""
+def run_settings(cfg: Config, corpus: D.Corpus, plan: Plan, env: Env) -> dict:
+    """A checkpoint's config.json: the config, and the facts it implies that fix the trajectory."""
+    settings = dict(asdict(cfg), global_batch=plan.global_batch, total_steps=plan.total, precision=env.precision,
+                    data_records={str(file): len(index) for file, index in zip(corpus.files, corpus.indexes)})
+    return json.loads(json.dumps(settings))  # as read back: tuples become lists
+
+
+def safe_load(path: Path, **kwargs):
+    """torch.load of tensors and plain values only: unpickling anything else could run code planted in --out."""
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as error:
+        raise SystemExit(f"{path} holds objects other than tensors and plain values and is not loaded (that could "
+                         f"run any code): {str(error).splitlines()[0]}") from None
+
+
+def find_resume(cfg: Config, settings: dict) -> tuple[Path, dict] | None:
+    """The newest checkpoint in --out and its state when resuming (none yet: the run starts at step 0), refused if
+    it was written with other settings."""
     out = Path(cfg.out)
     if not (cfg.resume and checkpoints(out)):
         return None
     ckpt = checkpoints(out)[-1]
-    state = torch.load(ckpt / "state.pt", weights_only=False)
-    if state["sampler"]["global_batch"] != plan.global_batch:
-        raise SystemExit(f"{ckpt} was written with a global batch of {state['sampler']['global_batch']}, this "
-                         f"run has {plan.global_batch}: resume needs the same batch size x accumulation x devices")
-    return ckpt, state
+    saved = json.loads((ckpt / "config.json").read_text())
+    changed = [f"  {key}: {saved.get(key, '(not recorded)')} -> {value}" for key, value in settings.items()
+               if key not in MAY_CHANGE and saved.get(key, "(not recorded)") != value]
+    if changed:
+        raise SystemExit(f"--resume: {ckpt} was written with other settings, and these change the training "
+                         "trajectory (checkpoint -> now):\n" + "\n".join(changed) + "\nResume with the "
+                         "checkpoint's settings, or start a new run (another --out, or --overwrite).")
+    return ckpt, safe_load(ckpt / "state.pt")
 
 
 def rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-            else [], "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's RNG states as tensors, lists and numbers (what torch.load(weights_only=True) reads)."""
+    version, mt, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": [version, list(mt), gauss],
+            "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
 
 
 def set_rng_states(states: dict):
     torch.set_rng_state(states["torch"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    version, mt, gauss = states["python"]
+    random.setstate((version, tuple(mt), gauss))
+    np.random.set_state(tuple(states["numpy"]))
 
 
 def restore_model(model: M.LLaSO, names: list[str], ckpt: Path, state: dict, env: Env):
@@ -413,8 +484,7 @@ def restore_model(model: M.LLaSO, names: list[str], ckpt: Path, state: dict, env
 
 def restore_optimizer(wrapped, optimizer, ckpt: Path, env: Env):
     """AdamW's state, read on rank 0 and broadcast (each rank keeps its shard under FSDP)."""
-    state = torch.load(ckpt / "optimizer.pt", weights_only=False, mmap=True) if env.master or not env.distributed \
-        else {}
+    state = safe_load(ckpt / "optimizer.pt", mmap=True) if env.master or not env.distributed else {}
     set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=env.distributed))
 
@@ -473,8 +543,11 @@ def note_problems(batch: dict, stats: StepStats, skipped: list, rank: int):
 
 
 def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: list, cfg: Config, env: Env,
-               flops_of: Callable | None) -> tuple[StepStats, float]:
-    """grad_accum micro-batches forward and backward (gradients sync on the last), then clipping and AdamW."""
+               flops_of: Callable | None) -> tuple[StepStats, float | None]:
+    """grad_accum micro-batches forward and backward (gradients sync on the last), then clipping and AdamW.
+
+    The step's gradient is that of the mean loss over the usable micro-batches of all ranks. A step in which no
+    rank had a usable record changes no weight and no optimizer state (and has no gradient norm)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     stats = StepStats()
@@ -498,19 +571,28 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
             stats.usable += 1
             stats.positions += sum(llm_positions(batch))
             stats.flops += flops_of(batch) if flops_of else 0.0
+    stats = stats.summed_over_ranks(env)  # so every rank knows whether any rank had a usable record
+    if stats.usable == 0:
+        optimizer.zero_grad(set_to_none=True)
+        return stats, None
+    micro_total = cfg.grad_accum * env.world
+    if stats.usable < micro_total:  # the zero-weight stand-ins are not part of the mean
+        for p in params:
+            p.grad.mul_(micro_total / stats.usable)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return stats.summed_over_ranks(env), norm.item()
+    return stats, norm.item()
 
 
-def step_record(step: int, stats: StepStats, lr: float, norm: float, seconds: float, micro_total: int,
-                peak: float) -> dict:
-    """The step's line in log.jsonl."""
-    record = {"step": step, "loss": stats.loss_sum / micro_total, "lr": lr, "grad_norm": norm,
-              "tokens_per_s": stats.positions / seconds, "step_s": seconds, "skipped": stats.skipped,
-              "audio_cut": stats.audio_cut}
+def step_record(step: int, stats: StepStats, lr: float, norm: float | None, seconds: float, peak: float) -> dict:
+    """The step's line in log.jsonl. A step without a usable record has no loss and is marked "skipped_step"."""
+    record = {"step": step, "loss": stats.loss_sum / stats.usable if stats.usable else None, "lr": lr,
+              "grad_norm": norm, "tokens_per_s": stats.positions / seconds, "step_s": seconds,
+              "skipped": stats.skipped, "audio_cut": stats.audio_cut}
+    if not stats.usable:
+        record["skipped_step"] = True
     if peak:
         record["mfu"] = stats.flops / seconds / peak
     return record
@@ -525,44 +607,71 @@ class RunLog:
 
     def __init__(self, out: Path, step: int, end: int, stage: int, master: bool):
         self.path, self.master = out / "log.jsonl", master
-        if master:  # a resumed run drops the lines after its checkpoint
-            lines = self.path.read_text().splitlines() if step and self.path.exists() else []
-            self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+        if master:
+            self.start(step)
         self.progress = tqdm(total=end, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
 
+    def start(self, step: int):
+        """A resumed run keeps the lines up to its checkpoint (and drops a last line torn by a kill mid-write); the
+        file is replaced in one rename, so a crash now leaves the old log whole."""
+        lines = self.path.read_text(errors="replace").splitlines() if step and self.path.exists() else []
+        kept = []
+        for n, line in enumerate(lines, 1):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except ValueError:
+                if n < len(lines):
+                    raise SystemExit(f"{self.path} line {n} is not JSON: fix or delete it, then --resume") from None
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
     def write(self, record: dict):
-        if self.master:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.progress.update(1)
+        if not self.master:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.progress.update(1)
+        if record["loss"] is None:
+            tqdm.write(f"step {record['step']}: no usable record on any rank, no update", file=sys.stderr)
+        else:
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
 
-    def close(self):
-        self.progress.close()
+
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # torch.save reports a failed write as a RuntimeError
 
 
-def checkpoints(out: Path) -> list[Path]:
-    return sorted(out.glob("ckpt-*"))  # complete by construction: a checkpoint appears by rename only
+def write_error(what: Path, error: Exception, intact: str) -> SystemExit:
+    return SystemExit(f"could not write {what}: {error}. {intact} Free some space (or fix the folder's "
+                      "permissions), then rerun with --resume.")
 
 
-def save_checkpoint(cfg: Config, wrapped, optimizer, names, step: int, plan: Plan, skipped: list, env: Env):
+def save_checkpoint(cfg: Config, wrapped, optimizer, names, step: int, plan: Plan, skipped: list, settings: dict,
+                    env: Env):
     """Collective: every rank calls it. Rank 0 writes into a temporary folder and renames it into place, so a
-    crash mid-save leaves the previous checkpoint as it was."""
+    crash or a full disk mid-save leaves the previous checkpoint as it was."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (also under FSDP)
     weights = {k: v.contiguous() for k, v in get_model_state_dict(wrapped, options=full).items() if k in names}
     optim = get_optimizer_state_dict(wrapped, optimizer, options=full)
     per_rank = gather((rng_states(), skipped), env)
     if env.master:
-        out = Path(cfg.out)
+        out, tmp = Path(cfg.out), None
+        final, previous = out / f"ckpt-{step:07d}", checkpoints(out)
         sampler = {"epoch": step // plan.steps_per_epoch, "start_step": step % plan.steps_per_epoch,
                    "global_batch": plan.global_batch, "seed": cfg.seed}
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
-        save_file(weights, tmp / "trainable.safetensors")
-        torch.save(optim, tmp / "optimizer.pt")
-        torch.save({"step": step, "sampler": sampler, "world": env.world, "rng": [r for r, _ in per_rank],
-                    "skipped": [s for _, ss in per_rank for s in ss]}, tmp / "state.pt")
-        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        final = out / f"ckpt-{step:07d}"
+        try:
+            tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
+            save_file(weights, tmp / "trainable.safetensors")
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save({"step": step, "sampler": sampler, "world": env.world, "rng": [r for r, _ in per_rank],
+                        "skipped": [list(s) for _, ss in per_rank for s in ss]}, tmp / "state.pt")
+            (tmp / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        except WRITE_ERRORS as error:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(final, error, f"The previous checkpoint, {previous[-1] if previous else 'none'}, is "
+                              "intact.") from None
         if final.exists():  # re-running a step after resuming from an older checkpoint
             shutil.rmtree(final)
         tmp.rename(final)
@@ -572,16 +681,36 @@ def save_checkpoint(cfg: Config, wrapped, optimizer, names, step: int, plan: Pla
         dist.barrier()
 
 
+def publish(tmp: Path, out: Path):
+    """Move a finished model from tmp into out. llaso_config.json, which LLaSO.load reads first, goes first and
+    comes back last: a crash in between leaves no half-replaced model that loads."""
+    (out / "llaso_config.json").unlink(missing_ok=True)
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "llaso_config.json"):
+        if (out / entry.name).is_dir():
+            shutil.rmtree(out / entry.name)
+        os.replace(entry, out / entry.name)
+    tmp.rmdir()
+
+
 def save_final(cfg: Config, stage: Stage, model: M.LLaSO, wrapped, names, env: Env):
-    """Collective: the stage's model in --out."""
+    """Collective: the stage's model in --out, written like a checkpoint (into a temporary folder, then moved)."""
     weights = {k: v for k, v in get_model_state_dict(wrapped, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True)).items() if k in names}
-    if env.master:
-        if cfg.fsdp:  # FSDP keeps only shards: put the gathered weights into an ordinary copy on the CPU
-            model = M.LLaSO.load(cfg.init, encoder=cfg.encoder) if cfg.init else M.LLaSO.from_parts(model.config)
-            model.load_state_dict(weights, strict=False)
-        stage.save(model, Path(cfg.out))
-        print(f"wrote the stage-{stage.number} model to {cfg.out}")
+    if not env.master:
+        return
+    if cfg.fsdp:  # FSDP keeps only shards: put the gathered weights into an ordinary copy on the CPU
+        model = M.LLaSO.load(cfg.init, encoder=cfg.encoder or None) if cfg.init else M.LLaSO.from_parts(model.config)
+        model.load_state_dict(weights, strict=False)
+    out, tmp = Path(cfg.out), None
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-model-"))
+        stage.save(model, tmp)
+    except WRITE_ERRORS as error:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out, error, "The checkpoints are intact.") from None
+    publish(tmp, out)
+    print(f"wrote the stage-{stage.number} model to {out}")
 
 
 def report_skipped(skipped: list, env: Env):
@@ -598,21 +727,24 @@ def report_skipped(skipped: list, env: Env):
 def train(cfg: Config, stage: Stage):
     env = set_up()
     out = prepare_out(cfg, env)
+    corpus = load_corpus(cfg, env)
+    plan = plan_steps(cfg, len(corpus), env)
+    settings = run_settings(cfg, corpus, plan, env)
+    resume = find_resume(cfg, settings)  # None: a fresh run
+
     model = build_model(cfg, stage, env)
     names = [n for n, p in model.named_parameters() if p.requires_grad]  # tied embeddings appear once
-    corpus = load_corpus(cfg, env)
-    dataset = D.LLaSODataset(corpus, model.tokenizer, model.features, cfg.audio_root, strict=cfg.strict,
-                             max_len=model.config.max_text_len, compat_chunks=cfg.compat_chunks)
-    plan = plan_steps(cfg, len(corpus), env)
-    resume = find_resume(cfg, plan)  # None: a fresh run
     if resume:
         restore_model(model, names, *resume, env)
+    dataset = D.LLaSODataset(corpus, model.tokenizer, model.features, cfg.audio_root, strict=cfg.strict,
+                             max_len=model.config.max_text_len, compat_chunks=cfg.compat_chunks)
     wrapped = wrap(model, cfg, env)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if resume:
         restore_optimizer(wrapped, optimizer, resume[0], env)
-    step, skipped = (resume[1]["step"], resume[1]["skipped"] if env.master else []) if resume else (0, [])
+    step = resume[1]["step"] if resume else 0
+    skipped = [tuple(s) for s in resume[1]["skipped"]] if resume and env.master else []  # listed once, by rank 0
     if env.master:
         print(f"stage {stage.number}: {len(corpus):,} records, global batch {plan.global_batch} = "
               f"{cfg.batch_size} per device x {cfg.grad_accum} accumulation x {env.world} devices, {plan.total} "
@@ -623,22 +755,25 @@ def train(cfg: Config, stage: Stage):
     batches = micro_batches(stage, corpus, dataset, cfg, plan, env, first_step=step)
     peak = peak_flops(cfg) * env.world if env.cuda else 0.0
     flops_of = (lambda batch: batch_flops(model, batch, train_llm=stage.number == 2)) if peak else None
-    while step < plan.end:
-        lr = lr_at(step, plan.total, plan.warmup, cfg.lr)
-        t0 = time.time()
-        stats, norm = train_step(wrapped, model, optimizer, params, batches, lr, skipped, cfg, env, flops_of)
-        if env.cuda:
-            torch.cuda.synchronize()
-        step += 1
-        log.write(step_record(step, stats, lr, norm, time.time() - t0, cfg.grad_accum * env.world, peak))
-        if step % cfg.save_every == 0 or step == plan.end:
-            save_checkpoint(cfg, wrapped, optimizer, names, step, plan, skipped, env)
-    log.close()
+    with log.progress:  # closes the progress bar also when an error ends the run
+        while step < plan.end:
+            lr = lr_at(step, plan.total, plan.warmup, cfg.lr)
+            t0 = time.time()
+            stats, norm = train_step(wrapped, model, optimizer, params, batches, lr, skipped, cfg, env, flops_of)
+            if env.cuda:
+                torch.cuda.synchronize()
+            step += 1
+            log.write(step_record(step, stats, lr, norm, time.time() - t0, peak))
+            if step % cfg.save_every == 0 or step == plan.end:
+                save_checkpoint(cfg, wrapped, optimizer, names, step, plan, skipped, settings, env)
 
     if step == plan.total:  # only when the schedule has run to its end
         save_final(cfg, stage, model, wrapped, names, env)
     report_skipped(skipped, env)
     if env.distributed:
+        # A barrier waits without holding the GIL, so gloo's threads can first release the last collective's
+        # Python tensors; tearing the group down right after all_gather_object can deadlock.
+        dist.barrier()
         dist.destroy_process_group()
     return model
 
