@@ -1,8 +1,10 @@
-"""align.py + instruct.py: what trains, DDP == one process, exact resume, crash-safe checkpoints, the LR schedule,
-memorisation, FSDP2 == DDP. CPU, tiny models; runs are shared between tests through module-scoped fixtures."""
+"""align.py + instruct.py: what trains, DDP == one process, exact resume (one process and two ranks), crash-safe
+checkpoints, the LR schedule, memorisation, FSDP2 == DDP. CPU, tiny models; runs are shared between tests through
+module-scoped fixtures."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -42,7 +44,14 @@ def torchrun(script, args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / script), *args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the ranks too, not only the launcher
+            raise
+    result = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
     assert result.returncode == 0, f"exit code {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
 
@@ -115,8 +124,8 @@ def test_resume_is_exact_and_a_crash_during_a_save_keeps_the_previous_checkpoint
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="injected"):
-        align.main(args + ["--resume"])  # trains step 2, dies while writing ckpt-0000002
+    with pytest.raises(SystemExit, match="injected"):
+        align.main(args + ["--resume"])  # trains step 2, fails to write ckpt-0000002
     monkeypatch.setattr(torch, "save", real_save)
     assert [p.name for p in align.checkpoints(out)] == ["ckpt-0000001"]
 
@@ -159,6 +168,16 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(ddp2, stage1, s
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
     start = load_file(stage1[1] / "projector.safetensors")["0.weight"]
     assert not torch.equal(one.projector[0].weight, start)  # the comparison is between trained models
+
+
+def test_two_ranks_resume_exactly(ddp2, stage1, stage2_corpus, tiny_dir, tmp_path):
+    out = tmp_path / "resumed"
+    args = flags(tiny_dir, stage2_corpus, out, *STAGE2_ARGS, "--grad-accum", 1, "--projector", stage1[1])
+    torchrun("instruct.py", args + ["--stop-after", "1"])
+    torchrun("instruct.py", args + ["--resume"])
+    assert losses(out) == losses(ddp2)  # bit-identical
+    resumed, whole = M.LLaSO.load(out), M.LLaSO.load(ddp2)
+    assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), whole.parameters()))
 
 
 def test_fsdp2_loss_equals_ddp(ddp2, stage1, stage2_corpus, tiny_dir, tmp_path):
