@@ -1,7 +1,7 @@
 """Stage 1 of LLaSO (alignment): train the projector on ASR, encoder and LLM frozen. Also the training loop of
 both stages: instruct.py (stage 2) imports it and passes in what differs.
 
-    config -> distributed set-up -> data -> model -> optimizer/schedule -> loop -> checkpoint -> final artifact
+    config -> set-up -> data -> model -> resume -> wrapping -> optimizer -> loop (checkpoints) -> final artifact
 
 Tiny run on CPU (tiny random Whisper + Llama, the bundled sample corpus, a minute or two):
 
@@ -54,38 +54,55 @@ ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "sample"
 
 # ----------------------------------------------------------------------------------------------------------
-# Config: defaults are the paper's stage-1 recipe (SPEC 7); --preset tiny swaps in tiny models and the sample
+# Config: the defaults are the paper's stage-1 recipe (global batch 2 x 32 x 8 GPUs = 512, lr 1e-3, warm-up
+# 0.15 %, cosine, one epoch, AdamW without weight decay). Every field with a help text is a command-line flag.
+
+
+def knob(default, help: str, stage: int = 1):
+    """A Config field that is a command-line flag: default and help in one place (stage=2: instruct.py only)."""
+    metadata = {"help": help, "stage": stage}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class Config:
-    data: list = field(default_factory=list)  # corpus files or folders (required for the llaso preset)
-    audio_root: str = ""  # folder the records' "voice" paths are relative to
-    encoder: str = M.ModelConfig.encoder  # the paper's Whisper-large-v3
-    llm: str = M.ModelConfig.llm  # the paper's Llama-3.2-3B-Instruct
-    projector: str = ""  # start from this projector (stage 2: the stage-1 output); empty = fresh init
-    init: str = ""  # stage 2: start from a whole model (a stage-2 artifact or the released LLaSO-Base checkpoint)
-    out: str = "out/align"
-    batch_size: int = 2  # micro-batch per device
-    grad_accum: int = 32
-    lr: float = 1e-3
-    warmup_ratio: float = 0.0015
-    betas: tuple = (0.9, 0.999)
+    data: list = knob([], "corpus JSON/JSONL files or folders (folders are searched recursively)")
+    audio_root: str = knob("", "folder the records' audio paths are relative to")
+    encoder: str = knob(M.ModelConfig.encoder, "Whisper checkpoint: hub id or directory (default: the paper's "
+                        "Whisper-large-v3)")
+    llm: str = knob(M.ModelConfig.llm, "causal LM + tokenizer: hub id or directory (default: the paper's "
+                    "Llama-3.2-3B-Instruct)")
+    projector: str = knob("", "stage-1 output directory (or its projector.safetensors) to start the projector "
+                          "from", stage=2)
+    init: str = knob("", "continue fine-tuning a whole model: a stage-2 artifact or the released LLaSO-Base "
+                     "checkpoint (replaces --llm and --projector; --encoder gives its Whisper)", stage=2)
+    out: str = knob("out/align", "output directory: log.jsonl, checkpoints, the final model")
+    resume: bool = knob(False, "continue from the newest checkpoint in --out (same batches, same losses)")
+    batch_size: int = knob(2, "micro-batch per device")
+    grad_accum: int = knob(32, "micro-batches per optimizer step on each device")
+    lr: float = knob(1e-3, "peak learning rate")
+    warmup_ratio: float = knob(0.0015, "warm-up steps = ceil(ratio x total steps)")
+    betas: tuple = (0.9, 0.999)  # fields without help are fixed parts of the recipe, not flags
     eps: float = 1e-8
     weight_decay: float = 0.0
-    clip: float = 1.0  # max gradient norm; 0 = no clipping (what the reference's DeepSpeed run most likely did)
-    epochs: int = 1
-    max_steps: int = 0  # 0 = as many as the epochs give; otherwise caps the run (and the LR schedule)
-    stop_after: int = 0  # stop this session after this step (job time limits); the schedule is unchanged
-    seed: int = 42
-    save_every: int = 100
-    keep: int = 20
-    resume: bool = False
-    strict: bool = False
-    compat_chunks: bool = False  # the reference's 480,001-sample slicing of long audio (SPEC 2)
-    workers: int = 4
-    fsdp: bool = False
-    peak_tflops: float = 0.0  # per-GPU bf16 peak for MFU; 0 = guess from the GPU name
+    clip: float = knob(1.0, "max global gradient norm; 0 disables clipping (as the reference's run effectively "
+                       "did)")
+    epochs: int = knob(1, "passes over the data")
+    max_steps: int = knob(0, "stop after this many optimizer steps (also the length of the LR schedule); 0 = all")
+    stop_after: int = knob(0, "end this session after this step, schedule unchanged (for job time limits; "
+                           "--resume later)")
+    seed: int = knob(42, "seed of the data order and of the fresh projector")
+    save_every: int = knob(100, "checkpoint every this many optimizer steps (and at the end)")
+    keep: int = knob(20, "how many of the newest checkpoints to keep")
+    strict: bool = knob(False, "stop at the first unusable record instead of skipping and counting it")
+    compat_chunks: bool = knob(False, "cut long audio as the reference does (480,001-sample slices, one sample "
+                               "lost per full chunk)")
+    workers: int = knob(4, "DataLoader worker processes per device")
+    fsdp: bool = knob(False, "shard the LLM per decoder layer with FSDP2 (stage 2 on small GPUs) instead of plain "
+                      "DDP")
+    peak_tflops: float = knob(0.0, "per-GPU peak bf16 TFLOP/s for the MFU column; 0 = guess from the GPU name")
 
 
 # The tiny preset: models that fit a CPU, the sample corpus, batches small enough for a few minutes. The tiny
@@ -99,51 +116,23 @@ TINY = {
             workers=1),
 }
 
-HELP = {
-    "data": "corpus JSON/JSONL files or folders (folders are searched recursively)",
-    "audio_root": "folder the records' audio paths are relative to",
-    "encoder": "Whisper checkpoint: hub id or directory",
-    "llm": "causal LM + tokenizer: hub id or directory",
-    "projector": "stage-1 output directory (or its projector.safetensors) to start the projector from",
-    "init": "continue fine-tuning a whole model: a stage-2 artifact or the released LLaSO-Base checkpoint "
-            "(replaces --llm and --projector; --encoder gives its Whisper)",
-    "out": "output directory: log.jsonl, checkpoints, the final model",
-    "batch_size": "micro-batch per device",
-    "grad_accum": "micro-batches per optimizer step on each device",
-    "lr": "peak learning rate",
-    "warmup_ratio": "warm-up steps = ceil(ratio x total steps)",
-    "clip": "max global gradient norm; 0 disables clipping (as the reference's run effectively did)",
-    "epochs": "passes over the data",
-    "max_steps": "stop after this many optimizer steps (also the length of the LR schedule); 0 = all",
-    "stop_after": "end this session after this step, schedule unchanged (for job time limits; --resume later)",
-    "seed": "seed of the data order and of the fresh projector",
-    "save_every": "checkpoint every this many optimizer steps (and at the end)",
-    "keep": "how many of the newest checkpoints to keep",
-    "resume": "continue from the newest checkpoint in --out (same batches, same losses)",
-    "strict": "stop at the first unusable record instead of skipping and counting it",
-    "compat_chunks": "cut long audio as the reference does (480,001-sample slices, one sample lost per full chunk)",
-    "workers": "DataLoader worker processes per device",
-    "fsdp": "shard the LLM per decoder layer with FSDP2 (stage 2 on small GPUs) instead of plain DDP",
-    "peak_tflops": "per-GPU peak bf16 TFLOP/s for the MFU column; 0 = guess from the GPU name",
-}
-
 
 def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> Config:
-    """Paper defaults <- preset tiny <- command-line flags."""
-    parser = argparse.ArgumentParser(description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Paper defaults (config_class: a stage may change Config's defaults) <- preset tiny <- command-line flags."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["llaso", "tiny"], default="llaso",
                         help="llaso: the paper's models and recipe; tiny: tiny models on the sample corpus (CPU)")
-    for f in fields(config_class):
-        if f.name in HELP and (f.name not in ("projector", "init") or stage == 2):
-            flag = "--" + f.name.replace("_", "-")
-            if f.type is bool:
-                parser.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
-            elif f.type is list:
-                parser.add_argument(flag, nargs="+", help=HELP[f.name])
-            else:
-                parser.add_argument(flag, type=f.type, help=HELP[f.name])
-    args = vars(parser.parse_args(argv))
+    for f in fields(Config):
+        if "help" not in f.metadata or f.metadata["stage"] > stage:
+            continue
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help)
+        elif f.type is list:
+            parser.add_argument(flag, nargs="+", help=help)
+        else:
+            parser.add_argument(flag, type=f.type, help=help)
+    args = vars(parser.parse_args(argv))  # None = not given
     cfg = config_class()
     if args.pop("preset") == "tiny":
         tiny = dict(TINY[stage], audio_root=str(SAMPLE / "audio"))
@@ -255,7 +244,149 @@ def peak_flops(cfg: Config) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints: trainable weights, optimizer, step, data position, RNG states of every rank, config
+# Set-up: torchrun's environment variables, or one plain process
+
+
+@dataclass
+class Env:
+    """Where this process runs and in which number formats."""
+    rank: int
+    local_rank: int
+    world: int
+    distributed: bool
+    device: torch.device
+    precision: str  # "bf16": frozen weights bf16, trainable fp32 under bf16 autocast, TF32 on; "fp32": all fp32
+
+    master = property(lambda self: self.rank == 0)
+    cuda = property(lambda self: self.device.type == "cuda")
+    frozen_dtype = property(lambda self: torch.bfloat16 if self.precision == "bf16" else torch.float32)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+
+
+def set_up() -> Env:
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("LOCAL_RANK", 0),
+                                                                        ("WORLD_SIZE", 1)])
+    cuda = torch.cuda.is_available()
+    env = Env(rank, local_rank, world, distributed="RANK" in os.environ,
+              device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"), precision="bf16" if cuda else "fp32")
+    if cuda:
+        torch.cuda.set_device(env.device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the reference
+    if env.distributed:  # generous timeout: rank 0 may index a 12M-record corpus while the others wait
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+    return env
+
+
+def gather(obj, env: Env) -> list:
+    """obj of every rank, in rank order (a collective)."""
+    objs = [None] * env.world if env.distributed else [obj]
+    if env.distributed:
+        dist.all_gather_object(objs, obj)
+    return objs
+
+
+def prepare_out(cfg: Config, env: Env) -> Path:
+    out = Path(cfg.out)
+    if env.master:
+        out.mkdir(parents=True, exist_ok=True)
+        for tmp in out.glob(".tmp-ckpt-*"):  # left by a crash during a save
+            shutil.rmtree(tmp)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: frozen parts in bf16 on GPU, trainable ones in fp32 (master weights; autocast computes in bf16)
+
+
+def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
+    torch.manual_seed(cfg.seed)  # the fresh projector is the same on every rank
+    llm_dtype = torch.float32 if stage.number == 2 else env.frozen_dtype
+    if cfg.init:
+        model = M.LLaSO.load(cfg.init, encoder=cfg.encoder, encoder_dtype=env.frozen_dtype, llm_dtype=llm_dtype)
+    else:
+        projector = cfg.projector
+        if projector and Path(projector).is_dir():
+            projector = str(Path(projector) / "projector.safetensors")
+        model = M.LLaSO.from_parts(M.ModelConfig(encoder=cfg.encoder, llm=cfg.llm), projector=projector or None,
+                                   encoder_dtype=env.frozen_dtype, llm_dtype=llm_dtype)
+    model.requires_grad_(False)
+    for module in stage.trainable(model):
+        module.requires_grad_(True)
+    if stage.checkpointing:
+        model.llm.activation_checkpointing_enable({"use_reentrant": False})
+    model.to(env.device).train()
+    model.encoder.eval()  # frozen: no dropout, no layer-drop draws from the RNG
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: the corpus index, the run's length in steps, the micro-batches of each step
+
+
+def load_corpus(cfg: Config, env: Env) -> D.Corpus:
+    """Rank 0 indexes the corpus first; the others then reuse its index."""
+    if env.distributed and not env.master:
+        dist.barrier()
+    corpus = D.Corpus(cfg.data)
+    if env.distributed and env.master:
+        dist.barrier()
+    return corpus
+
+
+@dataclass
+class Plan:
+    global_batch: int  # records per optimizer step, all ranks together
+    steps_per_epoch: int  # the incomplete last global batch of an epoch is dropped on every rank
+    total: int  # the run's length in optimizer steps (and the LR schedule's)
+    warmup: int
+    end: int  # where this session stops: --stop-after, else total
+
+
+def plan_steps(cfg: Config, records: int, env: Env) -> Plan:
+    global_batch = cfg.batch_size * cfg.grad_accum * env.world
+    steps_per_epoch = records // global_batch
+    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    if total == 0:
+        raise SystemExit(f"{records} records make no full global batch of {global_batch}: lower --batch-size "
+                         "or --grad-accum")
+    end = min(total, cfg.stop_after) if cfg.stop_after else total
+    return Plan(global_batch, steps_per_epoch, total, warmup_steps(total, cfg.warmup_ratio), end)
+
+
+def micro_batches(stage: Stage, corpus, dataset, cfg: Config, plan: Plan, env: Env, first_step: int):
+    """This rank's micro-batches from optimizer step `first_step` on: step t of the run is step
+    t % steps_per_epoch of epoch t // steps_per_epoch, each epoch in its own order."""
+    for epoch in range(first_step // plan.steps_per_epoch, cfg.epochs):
+        order = stage.order(corpus, cfg.seed, plan.global_batch, epoch)
+        start = max(0, first_step - epoch * plan.steps_per_epoch)
+        sampler = D.StepSampler(order, cfg.batch_size, cfg.grad_accum, env.world, env.rank, start_step=start)
+        yield from D.make_loader(dataset, sampler, cfg.workers)
+
+
+def stand_in_batch(model: M.LLaSO) -> dict:
+    """A one-record stand-in (blank mels) for a zero-weight step when every record of a micro-batch was unusable."""
+    ids, labels = M.tokenize(model.tokenizer, "Please transcribe the audio.<audio>", ".")
+    return {"input_ids": [torch.tensor(ids)], "labels": [torch.tensor(labels)],
+            "mels": torch.zeros(1, model.features.feature_size, 3000), "audio_chunks": torch.tensor([1])}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume: trainable weights go in before wrapping, the optimizer state after
+
+
+def find_resume(cfg: Config, plan: Plan) -> tuple[Path, dict] | None:
+    """The newest checkpoint in --out and its state, when resuming."""
+    out = Path(cfg.out)
+    if not (cfg.resume and checkpoints(out)):
+        return None
+    ckpt = checkpoints(out)[-1]
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    if state["sampler"]["global_batch"] != plan.global_batch:
+        raise SystemExit(f"{ckpt} was written with a global batch of {state['sampler']['global_batch']}, this "
+                         f"run has {plan.global_batch}: resume needs the same batch size x accumulation x devices")
+    return ckpt, state
 
 
 def rng_states() -> dict:
@@ -271,27 +402,164 @@ def set_rng_states(states: dict):
     np.random.set_state(states["numpy"])
 
 
+def restore_model(model: M.LLaSO, names: list[str], ckpt: Path, state: dict, env: Env):
+    """Trainable weights and, on as many ranks as before, this rank's RNG states."""
+    weights = load_file(ckpt / "trainable.safetensors", device=str(env.device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and not set(names) & set(missing), (unexpected, missing)
+    if state["world"] == env.world:
+        set_rng_states(state["rng"][env.rank])
+
+
+def restore_optimizer(wrapped, optimizer, ckpt: Path, env: Env):
+    """AdamW's state, read on rank 0 and broadcast (each rank keeps its shard under FSDP)."""
+    state = torch.load(ckpt / "optimizer.pt", weights_only=False, mmap=True) if env.master or not env.distributed \
+        else {}
+    set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=env.distributed))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Wrapping: plain DDP (all weights on every GPU), or FSDP2 sharding of every LLM decoder layer + the rest
+
+
+def wrap(model: M.LLaSO, cfg: Config, env: Env):
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if env.cuda else None
+        kwargs = {"mp_policy": mp} if mp else {}
+        for layer in model.llm.model.layers:
+            fully_shard(layer, **kwargs)
+        # The root is LLaSO itself: its forward looks up the (sharded) token embeddings outside llm.forward.
+        fully_shard(model, ignored_params=set(model.encoder.parameters()), **kwargs)
+        return model
+    if env.distributed:
+        return DDP(model, device_ids=[env.local_rank] if env.cuda else None, gradient_as_bucket_view=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured, summed over its micro-batches (then over ranks)."""
+    loss_sum: float = 0.0  # token-mean loss of each usable micro-batch
+    usable: int = 0  # micro-batches with at least one usable record
+    positions: int = 0  # LLM positions, for tokens/s
+    flops: float = 0.0  # model FLOPs, for MFU
+    skipped: int = 0  # unusable records
+    audio_cut: int = 0  # records whose audio passed 20 chunks (10 min) and trains truncated
+
+    def summed_over_ranks(self, env: Env) -> "StepStats":
+        if not env.distributed:
+            return self
+        values = torch.tensor([getattr(self, f.name) for f in fields(self)], dtype=torch.float64, device=env.device)
+        dist.all_reduce(values)
+        return StepStats(*(type(getattr(self, f.name))(v) for f, v in zip(fields(self), values.tolist())))
+
+
+def note_problems(batch: dict, stats: StepStats, skipped: list, rank: int):
+    """Count (and list) the micro-batch's unusable records and its records whose audio was cut."""
+    for file, record_no, reason in batch["skipped"]:
+        skipped.append((file, record_no, reason))
+        tqdm.write(f"[rank {rank}] skipped {file} record {record_no}: {reason}", file=sys.stderr)
+    for file, record_no, what in batch["cut"]:
+        tqdm.write(f"[rank {rank}] audio cut in {file} record {record_no}: {what}", file=sys.stderr)
+    stats.skipped += len(batch["skipped"])
+    stats.audio_cut += len(batch["cut"])
+
+
+def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: list, cfg: Config, env: Env,
+               flops_of: Callable | None) -> tuple[StepStats, float]:
+    """grad_accum micro-batches forward and backward (gradients sync on the last), then clipping and AdamW."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    stats = StepStats()
+    for micro in range(cfg.grad_accum):
+        batch = next(batches)
+        note_problems(batch, stats, skipped, env.rank)
+        weight = 1.0
+        if not batch["input_ids"]:  # every record unusable: keep the collectives in step, add nothing
+            batch, weight = stand_in_batch(model), 0.0
+        # Every LLaSO record has audio, so the projector always gets a gradient (no find_unused_parameters).
+        assert all((ids == M.AUDIO_ID).any() for ids in batch["input_ids"]), "a record without <audio>"
+        last = micro == cfg.grad_accum - 1
+        if cfg.fsdp:
+            wrapped.set_requires_gradient_sync(last)
+        with nullcontext() if last or not isinstance(wrapped, DDP) else wrapped.no_sync():
+            with env.autocast():
+                loss = wrapped(batch)  # token mean of this micro-batch
+            (loss * weight / cfg.grad_accum).backward()  # mean over micro-batches; DDP averages ranks
+        if weight:
+            stats.loss_sum += loss.item()
+            stats.usable += 1
+            stats.positions += sum(llm_positions(batch))
+            stats.flops += flops_of(batch) if flops_of else 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats.summed_over_ranks(env), norm.item()
+
+
+def step_record(step: int, stats: StepStats, lr: float, norm: float, seconds: float, micro_total: int,
+                peak: float) -> dict:
+    """The step's line in log.jsonl."""
+    record = {"step": step, "loss": stats.loss_sum / micro_total, "lr": lr, "grad_norm": norm,
+              "tokens_per_s": stats.positions / seconds, "step_s": seconds, "skipped": stats.skipped,
+              "audio_cut": stats.audio_cut}
+    if peak:
+        record["mfu"] = stats.flops / seconds / peak
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log, checkpoints, final artifact
+
+
+class RunLog:
+    """log.jsonl (one JSON line per optimizer step) and the progress bar, on rank 0."""
+
+    def __init__(self, out: Path, step: int, end: int, stage: int, master: bool):
+        self.path, self.master = out / "log.jsonl", master
+        if master:  # a resumed run drops the lines after its checkpoint
+            lines = self.path.read_text().splitlines() if step and self.path.exists() else []
+            self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+        self.progress = tqdm(total=end, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
+
+    def write(self, record: dict):
+        if self.master:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+
+    def close(self):
+        self.progress.close()
+
+
 def checkpoints(out: Path) -> list[Path]:
     return sorted(out.glob("ckpt-*"))  # complete by construction: a checkpoint appears by rename only
 
 
-def save_checkpoint(cfg, model, optimizer, names, step, sampler_state, skipped, world, rank):
+def save_checkpoint(cfg: Config, wrapped, optimizer, names, step: int, plan: Plan, skipped: list, env: Env):
     """Collective: every rank calls it. Rank 0 writes into a temporary folder and renames it into place, so a
     crash mid-save leaves the previous checkpoint as it was."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (also under FSDP)
-    weights = {k: v for k, v in get_model_state_dict(model, options=full).items() if k in names}
-    optim = get_optimizer_state_dict(model, optimizer, options=full)
-    per_rank = [None] * world
-    if world > 1:
-        dist.all_gather_object(per_rank, (rng_states(), skipped))
-    else:
-        per_rank = [(rng_states(), skipped)]
-    if rank == 0:
+    weights = {k: v.contiguous() for k, v in get_model_state_dict(wrapped, options=full).items() if k in names}
+    optim = get_optimizer_state_dict(wrapped, optimizer, options=full)
+    per_rank = gather((rng_states(), skipped), env)
+    if env.master:
         out = Path(cfg.out)
+        sampler = {"epoch": step // plan.steps_per_epoch, "start_step": step % plan.steps_per_epoch,
+                   "global_batch": plan.global_batch, "seed": cfg.seed}
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
-        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
+        save_file(weights, tmp / "trainable.safetensors")
         torch.save(optim, tmp / "optimizer.pt")
-        torch.save({"step": step, "sampler": sampler_state, "world": world, "rng": [r for r, _ in per_rank],
+        torch.save({"step": step, "sampler": sampler, "world": env.world, "rng": [r for r, _ in per_rank],
                     "skipped": [s for _, ss in per_rank for s in ss]}, tmp / "state.pt")
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         final = out / f"ckpt-{step:07d}"
@@ -300,224 +568,79 @@ def save_checkpoint(cfg, model, optimizer, names, step, sampler_state, skipped, 
         tmp.rename(final)
         for old in checkpoints(out)[: -cfg.keep]:
             shutil.rmtree(old)
-    if world > 1:
+    if env.distributed:
         dist.barrier()
+
+
+def save_final(cfg: Config, stage: Stage, model: M.LLaSO, wrapped, names, env: Env):
+    """Collective: the stage's model in --out."""
+    weights = {k: v for k, v in get_model_state_dict(wrapped, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True)).items() if k in names}
+    if env.master:
+        if cfg.fsdp:  # FSDP keeps only shards: put the gathered weights into an ordinary copy on the CPU
+            model = M.LLaSO.load(cfg.init, encoder=cfg.encoder) if cfg.init else M.LLaSO.from_parts(model.config)
+            model.load_state_dict(weights, strict=False)
+        stage.save(model, Path(cfg.out))
+        print(f"wrote the stage-{stage.number} model to {cfg.out}")
+
+
+def report_skipped(skipped: list, env: Env):
+    everyone = [s for rank_skipped in gather(skipped, env) for s in rank_skipped]
+    if env.master:
+        print(f"skipped records: {len(everyone)}" + "".join(f"\n  {f} record {n}: {why}"
+                                                            for f, n, why in everyone[:50]))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The training loop (both stages)
+# The training run (both stages)
 
 
 def train(cfg: Config, stage: Stage):
-    # ---- distributed set-up: torchrun's environment variables, or one plain process
-    distributed = "RANK" in os.environ
-    cuda = torch.cuda.is_available()
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("LOCAL_RANK", 0),
-                                                                        ("WORLD_SIZE", 1)])
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the reference
-    if distributed:  # generous timeout: rank 0 may index a 12M-record corpus while the others wait
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
-    master = rank == 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    out = Path(cfg.out)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        for tmp in out.glob(".tmp-ckpt-*"):  # left by a crash during a save
-            shutil.rmtree(tmp)
-
-    # ---- model: frozen parts in bf16 on GPU, trainable ones in fp32 (master weights; autocast computes in bf16)
-    torch.manual_seed(cfg.seed)  # the fresh projector is the same on every rank
-    projector = cfg.projector
-    if projector and Path(projector).is_dir():
-        projector = str(Path(projector) / "projector.safetensors")
-    half = torch.bfloat16 if cuda else torch.float32
-    llm_dtype = torch.float32 if stage.number == 2 else half
-    if cfg.init:
-        model = M.LLaSO.load(cfg.init, encoder=cfg.encoder, encoder_dtype=half, llm_dtype=llm_dtype)
-    else:
-        model = M.LLaSO.from_parts(M.ModelConfig(encoder=cfg.encoder, llm=cfg.llm), projector=projector or None,
-                                   encoder_dtype=half, llm_dtype=llm_dtype)
-    model.requires_grad_(False)
-    for module in stage.trainable(model):
-        module.requires_grad_(True)
+    env = set_up()
+    out = prepare_out(cfg, env)
+    model = build_model(cfg, stage, env)
     names = [n for n, p in model.named_parameters() if p.requires_grad]  # tied embeddings appear once
-    if stage.checkpointing:
-        model.llm.activation_checkpointing_enable({"use_reentrant": False})
-    model.to(device).train()
-    model.encoder.eval()  # frozen: no dropout, no layer-drop draws from the RNG
-
-    # ---- data: rank 0 indexes the corpus first, the others then reuse its index
-    if distributed and not master:
-        dist.barrier()
-    corpus = D.Corpus(cfg.data)
-    if distributed and master:
-        dist.barrier()
-    dataset = D.LLaSODataset(corpus, model.tokenizer, model.features, cfg.audio_root,
-                             max_len=model.config.max_text_len, strict=cfg.strict,
-                             compat_chunks=cfg.compat_chunks)
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = len(corpus) // global_batch  # the incomplete last global batch is dropped on every rank
-    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    if total == 0:
-        raise SystemExit(f"{len(corpus)} records make no full global batch of {global_batch}: lower --batch-size "
-                         "or --grad-accum")
-    warmup = warmup_steps(total, cfg.warmup_ratio)
-
-    # ---- resume: weights go in before wrapping, the optimizer state after
-    step, skipped, ckpt = 0, [], None
-    if cfg.resume and checkpoints(out):
-        ckpt = checkpoints(out)[-1]
-        state = torch.load(ckpt / "state.pt", weights_only=False)
-        if state["sampler"]["global_batch"] != global_batch:
-            raise SystemExit(f"{ckpt} was written with a global batch of {state['sampler']['global_batch']}, this "
-                             f"run has {global_batch}: resume needs the same batch size x accumulation x devices")
-        missing, unexpected = model.load_state_dict(load_file(ckpt / "trainable.safetensors", device=str(device)),
-                                                    strict=False)
-        assert not unexpected and not set(names) & set(missing), (unexpected, missing)
-        step, skipped = state["step"], state["skipped"] if master else []
-        if state["world"] == world:
-            set_rng_states(state["rng"][rank])
-
-    # ---- wrap: plain DDP (all weights on every GPU), or FSDP2 sharding of every LLM decoder layer + the rest
-    if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
-        kwargs = {"mp_policy": mp} if mp else {}
-        for layer in model.llm.model.layers:
-            fully_shard(layer, **kwargs)
-        # The root is LLaSO itself: its forward looks up the (sharded) token embeddings outside llm.forward.
-        fully_shard(model, ignored_params=set(model.encoder.parameters()), **kwargs)
-        wrapped = model
-    elif distributed:
-        wrapped = DDP(model, device_ids=[local_rank] if cuda else None, gradient_as_bucket_view=True)
-    else:
-        wrapped = model
+    corpus = load_corpus(cfg, env)
+    dataset = D.LLaSODataset(corpus, model.tokenizer, model.features, cfg.audio_root, strict=cfg.strict,
+                             max_len=model.config.max_text_len, compat_chunks=cfg.compat_chunks)
+    plan = plan_steps(cfg, len(corpus), env)
+    resume = find_resume(cfg, plan)  # None: a fresh run
+    if resume:
+        restore_model(model, names, *resume, env)
+    wrapped = wrap(model, cfg, env)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if ckpt:
-        optim_state = torch.load(ckpt / "optimizer.pt", weights_only=False, mmap=True) if master or not distributed \
-            else {}
-        set_optimizer_state_dict(wrapped, optimizer, optim_state, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=distributed))
-    if master:
-        print(f"stage {stage.number}: {len(corpus):,} records, global batch "
-              f"{global_batch} = {cfg.batch_size} per device x {cfg.grad_accum} accumulation x {world} devices, "
-              f"{total} steps ({warmup} warm-up), {sum(p.numel() for p in params):,} trainable parameters"
-              + (f", resuming after step {step} from {ckpt}" if ckpt else ""))
+    if resume:
+        restore_optimizer(wrapped, optimizer, resume[0], env)
+    step, skipped = (resume[1]["step"], resume[1]["skipped"] if env.master else []) if resume else (0, [])
+    if env.master:
+        print(f"stage {stage.number}: {len(corpus):,} records, global batch {plan.global_batch} = "
+              f"{cfg.batch_size} per device x {cfg.grad_accum} accumulation x {env.world} devices, {plan.total} "
+              f"steps ({plan.warmup} warm-up), {sum(p.numel() for p in params):,} trainable parameters"
+              + (f", resuming after step {step} from {resume[0]}" if resume else ""))
 
-    # ---- log: one JSON line per optimizer step (a resumed run drops the lines after its checkpoint)
-    log_path = out / "log.jsonl"
-    if master:
-        lines = log_path.read_text().splitlines() if ckpt and log_path.exists() else []
-        log_path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
-
-    # ---- data position: step t of the run = step t % steps_per_epoch of epoch t // steps_per_epoch
-    def micro_batches(first_step):
-        for epoch in range(first_step // steps_per_epoch, cfg.epochs):
-            order = stage.order(corpus, cfg.seed, global_batch, epoch)
-            start = max(0, first_step - epoch * steps_per_epoch)
-            sampler = D.StepSampler(order, cfg.batch_size, cfg.grad_accum, world, rank, start_step=start)
-            yield from D.make_loader(dataset, sampler, cfg.workers)
-
-    batches = micro_batches(step)
-    stand_in = None  # see stand_in_batch
-    peak = peak_flops(cfg) * world if cuda else 0.0
-    end = min(total, cfg.stop_after) if cfg.stop_after else total
-    progress = tqdm(total=end, initial=step, disable=not master, desc=f"stage {stage.number}", dynamic_ncols=True)
-
-    while step < end:
-        lr = lr_at(step, total, warmup, cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    log = RunLog(out, step, plan.end, stage.number, env.master)
+    batches = micro_batches(stage, corpus, dataset, cfg, plan, env, first_step=step)
+    peak = peak_flops(cfg) * env.world if env.cuda else 0.0
+    flops_of = (lambda batch: batch_flops(model, batch, train_llm=stage.number == 2)) if peak else None
+    while step < plan.end:
+        lr = lr_at(step, plan.total, plan.warmup, cfg.lr)
         t0 = time.time()
-        stats = torch.zeros(5, dtype=torch.float64)  # loss sum, LLM positions, FLOPs, skipped records, audio cut
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            for file, record_no, reason in batch["skipped"]:
-                skipped.append((file, record_no, reason))
-                tqdm.write(f"[rank {rank}] skipped {file} record {record_no}: {reason}", file=sys.stderr)
-            stats[3] += len(batch["skipped"])
-            for file, record_no, what in batch["cut"]:  # audio beyond 20 chunks (10 min) trains truncated
-                tqdm.write(f"[rank {rank}] audio cut in {file} record {record_no}: {what}", file=sys.stderr)
-            stats[4] += len(batch["cut"])
-            weight = 1.0
-            if not batch["input_ids"]:  # every record unusable: keep the collectives in step, add nothing
-                stand_in = stand_in or stand_in_batch(model)
-                batch, weight = stand_in, 0.0
-            # Every LLaSO record has audio, so the projector always gets a gradient (no find_unused_parameters).
-            assert all((ids == M.AUDIO_ID).any() for ids in batch["input_ids"]), "a record without <audio>"
-            last = micro == cfg.grad_accum - 1
-            if cfg.fsdp:
-                wrapped.set_requires_gradient_sync(last)
-            sync = nullcontext() if last or not isinstance(wrapped, DDP) else wrapped.no_sync()
-            with sync:
-                with autocast:
-                    loss = wrapped(batch)  # token mean of this micro-batch
-                (loss * weight / cfg.grad_accum).backward()  # mean over micro-batches; DDP averages ranks
-            flops = batch_flops(model, batch, stage.number == 2) if peak else 0.0
-            stats[:3] += torch.tensor([loss.item(), sum(llm_positions(batch)), flops], dtype=torch.float64) * weight
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if distributed:
-            stats = stats.to(device)
-            dist.all_reduce(stats)
-            stats = stats.cpu()
-        if cuda:
+        stats, norm = train_step(wrapped, model, optimizer, params, batches, lr, skipped, cfg, env, flops_of)
+        if env.cuda:
             torch.cuda.synchronize()
-        dt = time.time() - t0
         step += 1
+        log.write(step_record(step, stats, lr, norm, time.time() - t0, cfg.grad_accum * env.world, peak))
+        if step % cfg.save_every == 0 or step == plan.end:
+            save_checkpoint(cfg, wrapped, optimizer, names, step, plan, skipped, env)
+    log.close()
 
-        record = {"step": step, "loss": stats[0].item() / (cfg.grad_accum * world), "lr": lr,
-                  "grad_norm": norm.item(), "tokens_per_s": stats[1].item() / dt, "step_s": dt,
-                  "skipped": int(stats[3]), "audio_cut": int(stats[4])}
-        if peak:
-            record["mfu"] = stats[2].item() / dt / peak
-        if master:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-        if step % cfg.save_every == 0 or step == end:
-            sampler_state = {"epoch": step // steps_per_epoch, "start_step": step % steps_per_epoch,
-                             "global_batch": global_batch, "seed": cfg.seed}
-            save_checkpoint(cfg, wrapped, optimizer, names, step, sampler_state, skipped, world, rank)
-    progress.close()
-
-    # ---- the final artifact (only when the schedule has run to its end)
-    if step == total:
-        weights = {k: v for k, v in get_model_state_dict(wrapped, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True)).items() if k in names}
-        if master:
-            if cfg.fsdp:  # FSDP keeps only shards: put the gathered weights into an ordinary copy on the CPU
-                model = M.LLaSO.load(cfg.init, encoder=cfg.encoder) if cfg.init else M.LLaSO.from_parts(model.config)
-                model.load_state_dict(weights, strict=False)
-            stage.save(model, out)
-            print(f"wrote the stage-{stage.number} model to {out}")
-    summary = [None] * world
-    if distributed:
-        dist.all_gather_object(summary, skipped)
-    else:
-        summary = [skipped]
-    if master:
-        all_skipped = [s for rank_skipped in summary for s in rank_skipped]
-        print(f"skipped records: {len(all_skipped)}" + "".join(f"\n  {f} record {n}: {why}"
-                                                               for f, n, why in all_skipped[:50]))
-    if distributed:
+    if step == plan.total:  # only when the schedule has run to its end
+        save_final(cfg, stage, model, wrapped, names, env)
+    report_skipped(skipped, env)
+    if env.distributed:
         dist.destroy_process_group()
     return model
-
-
-def stand_in_batch(model: M.LLaSO) -> dict:
-    """A one-record stand-in (blank mels) for a zero-weight step when every record of a micro-batch was unusable."""
-    ids, labels = M.tokenize(model.tokenizer, "Please transcribe the audio.<audio>", ".")
-    return {"input_ids": [torch.tensor(ids)], "labels": [torch.tensor(labels)],
-            "mels": torch.zeros(1, model.features.feature_size, 3000), "audio_chunks": torch.tensor([1])}
 
 
 def main(argv=None):
