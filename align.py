@@ -111,6 +111,13 @@ class Config:
     fsdp: bool = knob(False, "shard the LLM per decoder layer with FSDP2 (stage 2 on small GPUs) instead of plain "
                       "DDP")
     peak_tflops: float = knob(0.0, "per-GPU peak bf16 TFLOP/s for the MFU column; 0 = guess from the GPU name")
+    # [tokens] fewer audio tokens and the unfrozen encoder: not LLaSO, off by default (README "Fewer audio tokens")
+    stack: int = knob(None, "concatenate K consecutive encoder frames per LLM position: 1500/K positions per 30 s "
+                      "chunk, projector input 1280 x K (default: the --projector/--init model's, else 1 = LLaSO)")
+    trim_audio: bool = knob(False, "encode each clip at its real length, not padded to 30 s: only real audio reaches "
+                            "the LLM (stage 2 takes it from its --projector/--init model)")
+    train_encoder: bool = knob(False, "train the Whisper encoder too, with the LLM and projector (fp32 master "
+                               "weights; the artifact carries encoder/)", stage=2)
 
 
 # The tiny preset: models that fit a CPU, the sample corpus, batches small enough for a few minutes. The tiny
@@ -201,7 +208,8 @@ def export_aligner(model: M.LLaSO, out: Path):
 
 def save_stage1(model: M.LLaSO, out: Path):
     model.save(out, with_llm=False)
-    export_aligner(model, out)
+    if (model.config.stack, model.config.trim_audio) == (1, False):  # [tokens] the reference runs only LLaSO's
+        export_aligner(model, out)
 
 
 STAGE1 = Stage(
@@ -217,32 +225,38 @@ STAGE1 = Stage(
 # Throughput accounting
 
 
-def llm_positions(batch) -> list[int]:
-    """Sequence length each record has in the LLM: text ids plus 1500 positions per audio chunk."""
-    chunks, k, lengths = batch["audio_chunks"].tolist(), 0, []
+def llm_positions(model: M.LLaSO, batch) -> list[int]:
+    """Sequence length each record has in the LLM: text ids plus its audio chunks' positions (1500 per chunk in
+    LLaSO; [tokens] fewer with --stack / --trim-audio)."""
+    chunks, per_chunk, k, c, lengths = batch["audio_chunks"].tolist(), model.chunk_positions(batch), 0, 0, []
     for ids in batch["input_ids"]:
         n = int((ids == M.AUDIO_ID).sum())
-        lengths.append(len(ids) - n + M.AUDIO_TOKENS_PER_CHUNK * sum(chunks[k : k + n]))
-        k += n
+        n_chunks = sum(chunks[k : k + n])
+        lengths.append(len(ids) - n + sum(per_chunk[c : c + n_chunks]))
+        k, c = k + n, c + n_chunks
     return lengths
 
 
 def batch_flops(model: M.LLaSO, batch, train_llm: bool) -> float:
     """Model FLOPs of one micro-batch (2 per multiply-add; attention as QK^T + AV without the causal half;
-    no activation recompute). Frozen encoder: forward only. LLM: forward + backward to its input (stage 1)
-    or forward + full backward (stage 2). LM head only at supervised positions, as LLaSO.forward computes it."""
+    no activation recompute). Frozen encoder: forward only ([tokens] --train-encoder: forward + backward). LLM:
+    forward + backward to its input (stage 1) or forward + full backward (stage 2). LM head only at supervised
+    positions, as LLaSO.forward computes it."""
     enc, llm = model.encoder.config, model.llm.config
     n_enc = sum(p.numel() for p in model.encoder.parameters())
     n_proj = sum(p.numel() for p in model.projector.parameters())
     n_llm = sum(p.numel() for p in model.llm.model.layers.parameters())
     head = llm.vocab_size * llm.hidden_size
-    frames = M.AUDIO_TOKENS_PER_CHUNK * len(batch["mels"])
-    lengths = llm_positions(batch)
+    # [tokens] encoder positions per chunk (1500, or a trimmed chunk's own) and LLM positions after stacking
+    encoded = [(f + 1) // 2 for f in model.real_frames(batch) or [M.MEL_FRAMES_PER_CHUNK] * len(batch["mels"])]
+    projected = sum(model.chunk_positions(batch))
+    lengths = llm_positions(model, batch)
     supervised = sum(int((labels != M.IGNORE).sum()) for labels in batch["labels"])
-    encoder = 2 * n_enc * frames + 4 * enc.encoder_layers * enc.d_model * M.AUDIO_TOKENS_PER_CHUNK * frames
+    encoder = 2 * n_enc * sum(encoded) + 4 * enc.encoder_layers * enc.d_model * sum(t * t for t in encoded)
+    encoder_passes = 3 if model.encoder.conv1.weight.requires_grad else 1  # [tokens] --train-encoder
     passes = 3 if train_llm else 2
     decoder = 2 * n_llm * sum(lengths) + 4 * llm.num_hidden_layers * llm.hidden_size * sum(t * t for t in lengths)
-    return encoder + 3 * 2 * n_proj * frames + passes * (decoder + 2 * head * supervised)
+    return encoder_passes * encoder + 3 * 2 * n_proj * projected + passes * (decoder + 2 * head * supervised)
 
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312, "L40S": 362}  # dense bf16
@@ -332,25 +346,54 @@ def prepare_out(cfg: Config, env: Env) -> Path:
 # Model: frozen parts in bf16 on GPU, trainable ones in fp32 (master weights; autocast computes in bf16)
 
 
+def audio_options(cfg: Config) -> tuple[int, bool]:  # [tokens]
+    """--stack and --trim-audio. A stage-2 run takes them from the model it starts from (--init, or the stage-1
+    artifact given as --projector): its projector was trained on those positions. A flag that asks otherwise is
+    refused."""
+    source = cfg.init or cfg.projector
+    saved = M.saved_audio_options(source) if source else None  # None: nothing recorded
+    stack = cfg.stack if cfg.stack is not None else saved[0] if saved else 1
+    trim = cfg.trim_audio or bool(saved and saved[1])
+    if saved and (stack, trim) != saved:
+        raise SystemExit(f"{source} was trained with --stack {saved[0]}{' --trim-audio' if saved[1] else ''} (its "
+                         f"llaso_config.json), but this run asks for --stack {stack}{' --trim-audio' if trim else ''}. "
+                         "Stage 2 takes both from the model it starts from: leave the flags out.")
+    return stack, trim
+
+
+def trainable_encoder(model: M.LLaSO) -> list:  # [tokens] --train-encoder
+    """The encoder's weights, all but the fixed sinusoidal position table (Whisper never trains it either)."""
+    return [model.encoder.conv1, model.encoder.conv2, model.encoder.layers, model.encoder.layer_norm]
+
+
 def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
     torch.manual_seed(cfg.seed)  # the fresh projector is the same on every rank
     llm_dtype = torch.float32 if stage.number == 2 else env.frozen_dtype
+    encoder_dtype = torch.float32 if cfg.train_encoder else env.frozen_dtype  # [tokens] trained: fp32 master weights
     if cfg.init:
-        model = M.LLaSO.load(cfg.init, encoder=cfg.encoder or None, encoder_dtype=env.frozen_dtype,
+        model = M.LLaSO.load(cfg.init, encoder=cfg.encoder or None, encoder_dtype=encoder_dtype,
                              llm_dtype=llm_dtype)
     else:
         projector = cfg.projector
         if projector and Path(projector).is_dir():
             projector = str(Path(projector) / "projector.safetensors")
-        model = M.LLaSO.from_parts(M.ModelConfig(encoder=cfg.encoder, llm=cfg.llm), projector=projector or None,
-                                   encoder_dtype=env.frozen_dtype, llm_dtype=llm_dtype)
+        try:  # [tokens] e.g. a projector file of another --stack: one clear line, not a traceback
+            model = M.LLaSO.from_parts(M.ModelConfig(encoder=cfg.encoder, llm=cfg.llm, stack=cfg.stack,
+                                                     trim_audio=cfg.trim_audio), projector=projector or None,
+                                       encoder_dtype=encoder_dtype, llm_dtype=llm_dtype)
+        except ValueError as error:
+            raise SystemExit(f"cannot build the model: {error}") from None
     model.requires_grad_(False)
-    for module in stage.trainable(model):
+    for module in stage.trainable(model) + (trainable_encoder(model) if cfg.train_encoder else []):  # [tokens]
         module.requires_grad_(True)
+    model.own_encoder |= cfg.train_encoder  # [tokens] the artifact carries the trained encoder (encoder/)
     if stage.checkpointing:
         model.llm.activation_checkpointing_enable({"use_reentrant": False})
+        if cfg.train_encoder:  # [tokens]
+            model.encoder.activation_checkpointing_enable({"use_reentrant": False})
     model.to(env.device).train()
-    model.encoder.eval()  # frozen: no dropout, no layer-drop draws from the RNG
+    if not cfg.train_encoder:  # [tokens]
+        model.encoder.eval()  # frozen: no dropout, no layer-drop draws from the RNG
     return model
 
 
@@ -408,7 +451,8 @@ def stand_in_batch(model: M.LLaSO) -> dict:
     """A one-record stand-in (blank mels) for a zero-weight step when every record of a micro-batch was unusable."""
     ids, labels = M.tokenize(model.tokenizer, "Please transcribe the audio.<audio>", ".")
     return {"input_ids": [torch.tensor(ids)], "labels": [torch.tensor(labels)],
-            "mels": torch.zeros(1, model.features.feature_size, 3000), "audio_chunks": torch.tensor([1])}
+            "mels": torch.zeros(1, model.features.feature_size, 3000), "audio_chunks": torch.tensor([1]),
+            "audio_frames": torch.tensor([3000])}  # [tokens] for --trim-audio
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -501,8 +545,12 @@ def wrap(model: M.LLaSO, cfg: Config, env: Env):
         kwargs = {"mp_policy": mp} if mp else {}
         for layer in model.llm.model.layers:
             fully_shard(layer, **kwargs)
+        if cfg.train_encoder:  # [tokens] a trained encoder is sharded like the LLM, per layer
+            for layer in model.encoder.layers:
+                fully_shard(layer, **kwargs)
         # The root is LLaSO itself: its forward looks up the (sharded) token embeddings outside llm.forward.
-        fully_shard(model, ignored_params=set(model.encoder.parameters()), **kwargs)
+        frozen = None if cfg.train_encoder else set(model.encoder.parameters())  # [tokens]
+        fully_shard(model, ignored_params=frozen, **kwargs)
         return model
     if env.distributed:
         return DDP(model, device_ids=[env.local_rank] if env.cuda else None, gradient_as_bucket_view=True)
@@ -569,7 +617,7 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
         if weight:
             stats.loss_sum += loss.item()
             stats.usable += 1
-            stats.positions += sum(llm_positions(batch))
+            stats.positions += sum(llm_positions(model, batch))  # [tokens] model: its positions per chunk
             stats.flops += flops_of(batch) if flops_of else 0.0
     stats = stats.summed_over_ranks(env)  # so every rank knows whether any rank had a usable record
     if stats.usable == 0:
@@ -699,8 +747,10 @@ def save_final(cfg: Config, stage: Stage, model: M.LLaSO, wrapped, names, env: E
     if not env.master:
         return
     if cfg.fsdp:  # FSDP keeps only shards: put the gathered weights into an ordinary copy on the CPU
+        own_encoder = model.own_encoder  # [tokens]
         model = M.LLaSO.load(cfg.init, encoder=cfg.encoder or None) if cfg.init else M.LLaSO.from_parts(model.config)
         model.load_state_dict(weights, strict=False)
+        model.own_encoder = own_encoder  # [tokens]
     out, tmp = Path(cfg.out), None
     try:
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-model-"))
@@ -729,6 +779,7 @@ def train(cfg: Config, stage: Stage):
     out = prepare_out(cfg, env)
     corpus = load_corpus(cfg, env)
     plan = plan_steps(cfg, len(corpus), env)
+    cfg.stack, cfg.trim_audio = audio_options(cfg)  # resolved first: --resume compares what runs
     settings = run_settings(cfg, corpus, plan, env)
     resume = find_resume(cfg, settings)  # None: a fresh run
 
@@ -779,6 +830,8 @@ def train(cfg: Config, stage: Stage):
 
 
 def main(argv=None):
+    if "--train-encoder" in (sys.argv[1:] if argv is None else argv):  # [tokens]
+        raise SystemExit("--train-encoder is a stage-2 option (instruct.py): stage 1 trains only the projector")
     return train(parse_config(argv, stage=1), STAGE1)
 
 

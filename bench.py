@@ -4,6 +4,7 @@
     python bench.py --quick            # 100k records, fewer reads and batches
     python bench.py index access       # a selection: index, access, preflight, loader, eval
     python bench.py eval --threads 1   # evaluation: batch 1 vs 16 (CPU, and CUDA if present)
+    python bench.py tokens             # --stack 5 / --trim-audio: LLM positions and stage-2 step time
 
 Evaluation target: batch 16 >= 3x the records/s of batch 1 with identical answers (tiny preset, 128 new tokens).
 Data targets (on the 1M-record file): index build <= 150 MB peak RSS, random access <= 1 ms. The index is built once
@@ -223,8 +224,84 @@ def bench_eval(args):
               f"{len(order) - differ} of {len(order)} answers identical")
 
 
+# ---------------------------------------------------------------------------------------------------- audio tokens
+
+TOKEN_VARIANTS = [("K=1, padded (LLaSO)", 1, False), ("K=5, padded", 5, False), ("K=5, trimmed", 5, True)]
+
+
+def real_model_on_meta(stack: int, trim: bool, tokenizer):
+    """Whisper-large-v3's encoder + Llama-3.2-3B-Instruct (with LLaSO's 5 new rows) on the meta device: the real
+    shapes for align.batch_flops, no weights. The encoder is frozen, as in the recipe."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
+
+    import model
+
+    whisper = WhisperConfig(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+                            encoder_ffn_dim=5120, max_source_positions=1500)
+    llama = LlamaConfig(vocab_size=128_256 + 5, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                        num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True)
+    with torch.device("meta"):
+        encoder, llm = model.WhisperEncoder(whisper).requires_grad_(False), LlamaForCausalLM(llama)
+        projector = model.make_projector(1280, 3072, stack)
+    config = model.ModelConfig(stack=stack, trim_audio=trim)
+    return model.LLaSO(config, encoder, None, projector, llm, tokenizer)
+
+
+def bench_tokens(args):
+    """--stack 5 and --trim-audio against LLaSO's 1500 padded positions per chunk, in one run: LLM positions per
+    record over the sample corpus, stage-2 step time of the tiny preset (micro-batch 1, activation checkpointing,
+    AdamW; variants alternate, medians), and a stage-2 step's model FLOPs for the real model (align.batch_flops on
+    the meta device; text ids counted with the tiny tokenizer)."""
+    import torch
+
+    import align
+    import data
+    import model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = model.preset("tiny")
+    corpus = data.Corpus(SAMPLE / "LLaSO-Instruct" / "merged" / "stage2_train.json", cache_dir=args.workdir)
+    torch.manual_seed(0)
+    tokenizer = model.load_llm(config.llm)[1]
+    dataset = data.LLaSODataset(corpus, tokenizer, data.load_feature_extractor(config.encoder), SAMPLE / "audio")
+    records = [data.collate([dataset[i]]) for i in range(len(corpus))]  # micro-batch 1, as stage 2
+    timed = records[:: max(1, len(records) // args.token_steps)][: args.token_steps]
+    rows, steps = [], {name: [] for name, _, _ in TOKEN_VARIANTS}
+    for name, stack, trim in TOKEN_VARIANTS:
+        torch.manual_seed(0)
+        llaso = model.LLaSO.from_parts(model.ModelConfig(config.encoder, config.llm, stack=stack, trim_audio=trim))
+        llaso.llm.activation_checkpointing_enable({"use_reentrant": False})
+        llaso.encoder.requires_grad_(False)
+        optimizer = torch.optim.AdamW([p for p in llaso.parameters() if p.requires_grad], lr=1e-5)
+        positions = [n for batch in records for n in align.llm_positions(llaso, batch)]
+        meta = real_model_on_meta(stack, trim, tokenizer)
+        flops = sum(align.batch_flops(meta, batch, train_llm=True) for batch in records) / len(records)
+        rows.append((name, llaso.train(), optimizer, positions, flops))
+    for _ in range(args.token_repeats):  # alternating, so a slow spell of a shared machine hits every variant
+        for name, llaso, optimizer, _, _ in rows:
+            for batch in timed:
+                t = time.perf_counter()
+                llaso(batch).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps[name].append(time.perf_counter() - t)
+    base_positions, base_step, base_flops = sum(rows[0][3]), statistics.median(steps[rows[0][0]]), rows[0][4]
+    print(f"audio tokens, sample corpus ({len(records)} stage-2 records, {len(timed)} timed steps x "
+          f"{args.token_repeats} per variant, {torch.get_num_threads()} threads):")
+    print(f"| | LLM positions / record (mean) | total | stage-2 step, tiny (median) | real model: stage-2 FLOPs "
+          f"/ record |")
+    print("|---|---:|---:|---:|---:|")
+    for name, _, _, positions, flops in rows:
+        step = statistics.median(steps[name])
+        print(f"| {name} | {np.mean(positions):,.0f} | {sum(positions):,} (÷{base_positions / sum(positions):.1f}) "
+              f"| {step * 1e3:.0f} ms (÷{base_step / step:.1f}) | {flops / 1e12:.1f} TFLOP "
+              f"(÷{base_flops / flops:.1f}) |")
+
+
 BENCHMARKS = {"index": bench_index, "access": bench_access, "preflight": bench_preflight, "loader": bench_loader,
-              "eval": bench_eval}
+              "eval": bench_eval, "tokens": bench_tokens}
 
 
 def main(argv=None):
@@ -242,6 +319,10 @@ def main(argv=None):
     parser.add_argument("--eval-repeats", type=int, help="timed runs per batch size (default 3, --quick 1)")
     parser.add_argument("--eval-workers", type=int, default=1, help="DataLoader workers in the eval bench")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--token-steps", type=int, help="stage-2 steps timed per variant and repeat in the tokens "
+                        "bench (default 16, --quick 4)")
+    parser.add_argument("--token-repeats", type=int, help="alternating timed runs in the tokens bench (default 3, "
+                        "--quick 1)")
     parser.add_argument("--skip-json-load", action="store_true", help="skip the json.load comparison (~3 GB RAM)")
     parser.add_argument("--workdir", help="where the generated corpus and indexes go (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -253,6 +334,8 @@ def main(argv=None):
     args.batches = args.batches or (8 if args.quick else 30)
     args.eval_records = args.eval_records or (32 if args.quick else 64)
     args.eval_repeats = args.eval_repeats or (1 if args.quick else 3)
+    args.token_steps = args.token_steps or (4 if args.quick else 16)
+    args.token_repeats = args.token_repeats or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory(prefix="llaso-bench-") as tmp:
         args.workdir = args.workdir or tmp
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")

@@ -502,8 +502,15 @@ def log_mel(chunks: list, feature_extractor) -> np.ndarray:
     return features["input_features"].astype(np.float32, copy=False)
 
 
+def audio_frames(n_samples: int, feature_extractor) -> int:
+    """Log-mel frames of a chunk of n samples that hold audio (the rest of its 3000 is padding): the frames whose
+    STFT window is centred inside the audio, ceil(n / hop). --trim-audio encodes only these."""
+    return min(feature_extractor.nb_max_frames, -(-n_samples // feature_extractor.hop_length))
+
+
 def audio_features(paths, feature_extractor, audio_root="", compat: bool = False, max_chunks: int = MAX_CHUNKS):
-    """(log-mels [n_chunks, n_mels, 3000] of all files, chunks per file, what was cut) for a list of audio paths."""
+    """(log-mels [n_chunks, n_mels, 3000] of all files, chunks per file, real frames per chunk, what was cut) for a
+    list of audio paths."""
     chunks, audio_chunks, cut = [], [], []
     for path in paths:
         file_chunks, dropped = split_chunks(load_audio(resolve_audio(audio_root, path)), compat, max_chunks)
@@ -513,7 +520,7 @@ def audio_features(paths, feature_extractor, audio_root="", compat: bool = False
             cut.append(f"{path}: {dropped} chunk(s) of 30 s beyond {max_chunks} dropped")
     mels = log_mel(chunks, feature_extractor) if chunks else np.zeros((0, feature_extractor.feature_size, 3000),
                                                                        np.float32)
-    return mels, audio_chunks, cut
+    return mels, audio_chunks, [audio_frames(len(c), feature_extractor) for c in chunks], cut
 
 
 # ---------------------------------------------------------------------------------------------------- dataset + batch
@@ -565,17 +572,18 @@ class LLaSODataset:
             raise RecordError(f"cannot build the prompt: {error}") from None
         if not self.eval_mode and all(label == self.ignore for label in labels):
             raise RecordError(f"the prompt fills max_len={self.max_len} tokens; no answer token is left to learn")
-        mels, audio_chunks, cut = audio_features(voices, self.feature_extractor, self.audio_root,
-                                                 self.compat_chunks, self.max_chunks)
+        mels, audio_chunks, frames, cut = audio_features(voices, self.feature_extractor, self.audio_root,
+                                                         self.compat_chunks, self.max_chunks)
         return {"input_ids": ids, "labels": labels, "mels": mels, "audio_chunks": audio_chunks,
-                "cut": "; ".join(cut) or None}
+                "audio_frames": frames, "cut": "; ".join(cut) or None}
 
 
 def collate(items: list[dict]) -> dict:
     """Batch in the format LLaSO.forward / generate expect (see the contract in model.py).
 
     Usable records: "input_ids", "labels" (lists of 1-D LongTensors), "mels" [total_chunks, n_mels, 3000],
-    "audio_chunks" (chunks per audio file, in placeholder order), "records", "indices", "where" (file, record_no).
+    "audio_chunks" (chunks per audio file, in placeholder order), "audio_frames" (log-mel frames of each chunk that
+    hold audio, for --trim-audio), "records", "indices", "where" (file, record_no).
     Dropped records: "skipped" [(file, record_no, reason)] and "skipped_records" (the record, None if unparsable).
     "cut": [(file, record_no, what was cut)] for audio longer than max_chunks × 30 s.
     """
@@ -589,6 +597,7 @@ def collate(items: list[dict]) -> dict:
         "labels": [torch.tensor(it["labels"], dtype=torch.long) for it in good],
         "mels": torch.from_numpy(np.concatenate(mels)) if mels else torch.zeros(0, items[0]["n_mels"], 3000),
         "audio_chunks": torch.tensor([n for it in good for n in it["audio_chunks"]], dtype=torch.long),
+        "audio_frames": torch.tensor([n for it in good for n in it["audio_frames"]], dtype=torch.long),
         "records": [it["record"] for it in good],
         "indices": [it["index"] for it in good],
         "where": [(it["file"], it["record_no"]) for it in good],

@@ -1171,13 +1171,14 @@ def answer_one(model, prompt=None, audio=(), max_new_tokens=256):
 
     ids, labels = M.tokenize(model.tokenizer, human_turn(prompt, len(audio)), None, model.config.max_text_len)
     try:
-        mels, counts, cut = audio_features([str(p) for p in audio], model.features)
+        mels, counts, frames, cut = audio_features([str(p) for p in audio], model.features)
     except RecordError as error:
         raise SystemExit(str(error)) from None
     for line in cut:
         print(f"warning: {line}", file=sys.stderr)
     batch = {"input_ids": [torch.tensor(ids)], "labels": [torch.tensor(labels)], "mels": torch.from_numpy(mels),
-             "audio_chunks": torch.tensor(counts, dtype=torch.long)}
+             "audio_chunks": torch.tensor(counts, dtype=torch.long),
+             "audio_frames": torch.tensor(frames, dtype=torch.long)}
     with torch.inference_mode():
         return model.generate(batch, max_new_tokens)[0]
 

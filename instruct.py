@@ -1,6 +1,6 @@
 """Stage 2 of LLaSO (instruction tuning): projector + the whole LLM train (incl. the tied embedding rows of the
-five new tokens), encoder frozen, activation checkpointing on, modality/length-grouped batches. The loop is
-align.py's; this file says what differs.
+five new tokens), encoder frozen (--train-encoder trains it too: the paper's ablation, not the released model),
+activation checkpointing on, modality/length-grouped batches. The loop is align.py's; this file says what differs.
 
 Tiny run on CPU (after `align.py --preset tiny`; starts from out/align):
 
@@ -16,6 +16,12 @@ Several nodes, or GPUs under 80 GB: the same with FSDP2 (--fsdp shards weights, 
 
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 --rdzv_id=instruct \
         instruct.py --fsdp --projector /shared/out/align --data ... --audio-root ... --out /shared/out/instruct
+
+Fewer audio tokens (not LLaSO; README "Fewer audio tokens and the unfrozen encoder"): stage 1 with --stack 5
+--trim-audio, and stage 2 takes both from its --projector; --train-encoder also trains Whisper's encoder:
+
+    python align.py --preset tiny --stack 5 --trim-audio --out out/align-k5
+    python instruct.py --preset tiny --projector out/align-k5 --out out/instruct-k5 --train-encoder
 
 Continue fine-tuning the released model (or any stage-2 artifact) on your data:
 

@@ -3,6 +3,9 @@
     wav -> log-mel chunks [n, 128, 3000] -> Whisper encoder [n, 1500, 1280] -> projector [n, 1500, 3072]
         -> the chunks replace each <audio> placeholder in the Llama-3 chat prompt -> Llama-3.2-3B-Instruct
 
+Options beyond LLaSO, off by default (ModelConfig.stack, .trim_audio): K encoder frames side by side per LLM
+position (1500/K per chunk), and encoding only a clip's real length instead of 30 s of padding.
+
 Reading order: prompt format -> tokens/labels -> encoder -> projector -> LLM + tokenizer -> splice -> loss
 -> greedy generation -> checkpoints -> presets (the paper's models and an offline tiny one).
 
@@ -40,6 +43,7 @@ IGNORE = -100  # label of every position that is not supervised
 NEW_TOKENS = ["<unk>", "<Audio>", "</Audio>", "<audio_start>", "<audio_end>"]  # added in this order
 EOS_TOKENS = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]  # generation stops on any of them
 AUDIO_TOKENS_PER_CHUNK = 1500  # Whisper's conv2 has stride 2: 3000 mel frames -> 1500 positions
+MEL_FRAMES_PER_CHUNK = 3000  # 30 s of log-mel at a 10 ms hop: the window Whisper was trained on
 
 
 def wrap_audio(human: str) -> str:
@@ -131,7 +135,7 @@ def load_prefixed(module: nn.Module, folder: Path, prefix: str, dtype=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Encoder: Whisper's encoder only, frozen, no autograd
+# Encoder: Whisper's encoder only, frozen, no autograd (instruct.py --train-encoder trains it: not LLaSO)
 
 
 def load_encoder(name_or_dir: str, dtype=torch.float32, weights_from: tuple[Path, str] | None = None):
@@ -152,12 +156,43 @@ def load_encoder(name_or_dir: str, dtype=torch.float32, weights_from: tuple[Path
     return encoder, features
 
 
+def whisper_forward(encoder: WhisperEncoder, mels: torch.Tensor) -> torch.Tensor:
+    """WhisperEncoder's computation on log-mels of any length up to 3000 frames: [n, n_mels, F] -> [n, ceil(F/2), d].
+
+    transformers' WhisperEncoder.forward refuses anything but 3000 frames (30 s). This is the same forward with
+    its own submodules and the sinusoidal position table cut to the input's length: conv1 + GELU, conv2 (stride 2)
+    + GELU, + positions, the pre-LN layers, the final LayerNorm. On 3000 frames it equals WhisperEncoder's output
+    (tested). LayerDrop (0 in Whisper's released configs) is not implemented.
+    """
+    if encoder.training and encoder.layerdrop > 0:
+        raise ValueError("this Whisper config sets encoder_layerdrop, which the trimmed-audio forward does not apply")
+    hidden = F.gelu(encoder.conv2(F.gelu(encoder.conv1(mels)))).transpose(1, 2)
+    hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]]
+    hidden = F.dropout(hidden, p=encoder.dropout, training=encoder.training)
+    for layer in encoder.layers:
+        hidden = layer(hidden, None)
+    return encoder.layer_norm(hidden)
+
+
+def audio_positions(mel_frames: int, stack: int = 1) -> int:
+    """LLM positions of one chunk: conv2 (stride 2) halves its frames, stacking K frames divides by K (ceil)."""
+    return -(-((mel_frames + 1) // 2) // stack)
+
+
+def stack_frames(hidden: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, T, d] -> [n, ceil(T/k), k*d]: k consecutive frames side by side, the last group padded with zeros."""
+    if k == 1:
+        return hidden
+    return F.pad(hidden, (0, 0, 0, -hidden.shape[1] % k)).reshape(len(hidden), -1, k * hidden.shape[2])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Projector: mlp2x_gelu, frame-wise, PyTorch default init (it is created after the LLM, so no HF init)
 
 
-def make_projector(d_encoder: int, d_llm: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_encoder, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
+def make_projector(d_encoder: int, d_llm: int, stack: int = 1) -> nn.Sequential:
+    """stack > 1 (not LLaSO): each position is `stack` encoder frames side by side, so the input is stack x wider."""
+    return nn.Sequential(nn.Linear(d_encoder * stack, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,6 +265,12 @@ class ModelConfig:
     encoder: str = "openai/whisper-large-v3"  # hub id or directory of a Whisper checkpoint
     llm: str = "meta-llama/Llama-3.2-3B-Instruct"  # hub id or directory of a causal LM (+ tokenizer)
     max_text_len: int = 2048  # text ids per record before splicing (reference: model_max_length)
+    stack: int = 1  # encoder frames concatenated per LLM position (LLaSO: 1, i.e. 1500 positions per 30 s chunk)
+    trim_audio: bool = False  # encode each chunk's real length instead of 30 s of padding (LLaSO: False)
+
+    def __post_init__(self):
+        if self.stack < 1:
+            raise ValueError(f"stack must be at least 1 (got {self.stack})")
 
 
 class LLaSO(nn.Module):
@@ -247,20 +288,54 @@ class LLaSO(nn.Module):
         from the current torch seed)."""
         encoder, features = load_encoder(config.encoder, encoder_dtype)
         llm, tokenizer = load_llm(config.llm, llm_dtype)
-        proj = make_projector(encoder.config.d_model, llm.config.hidden_size)
+        proj = make_projector(encoder.config.d_model, llm.config.hidden_size, config.stack)
         if projector:
-            proj.load_state_dict(load_file(projector))
+            state = load_file(projector)
+            inputs, d = state["0.weight"].shape[1], encoder.config.d_model
+            if inputs != proj[0].in_features:
+                raise ValueError(f"{projector} takes {inputs} inputs per position ({inputs / d:g} stacked {d}-wide "
+                                 f"encoder frames); this model stacks {config.stack} (--stack {inputs // d} fits it)")
+            proj.load_state_dict(state)
         return cls(config, encoder, features, proj, llm, tokenizer)
 
     # ---- audio
-    def encode_audio(self, mels: torch.Tensor) -> torch.Tensor:
-        """[n_chunks, n_mels, 3000] -> [n_chunks, 1500, d_llm]; all chunks of a batch in one encoder call."""
+    def encode_audio(self, mels: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
+        """[n_chunks, n_mels, 3000] -> [n_chunks, 1500, d_llm]; all chunks of a batch in one encoder call.
+
+        Options (not LLaSO): config.stack = K concatenates K frames per position (1500/K positions, ceil).
+        frames (trim_audio, see real_frames): each chunk's first frames[i] log-mel frames are encoded and projected
+        alone, so nothing of its batch reaches it, not even the batch's size (with other shapes conv2 and the
+        projector's matmul may pick kernels that differ in the last bits); the result is padded to the longest
+        chunk and splice keeps each chunk's own chunk_positions.
+        """
         if len(mels) == 0:  # a batch of text-only prompts
-            return self.projector[0].weight.new_zeros(0, AUDIO_TOKENS_PER_CHUNK, self.llm.config.hidden_size)
-        with torch.no_grad():
-            dtype = next(self.encoder.parameters()).dtype
-            hidden = self.encoder(mels.to(dtype)).last_hidden_state  # after the final LayerNorm, no pooling
-        return self.projector(hidden.to(self.projector[0].weight.dtype))
+            return self.projector[0].weight.new_zeros(0, audio_positions(MEL_FRAMES_PER_CHUNK, self.config.stack),
+                                                      self.llm.config.hidden_size)
+        if frames is not None:
+            one_by_one = [self.encode_audio(chunk[None, :, :n])[0] for chunk, n in zip(mels, frames)]
+            return nn.utils.rnn.pad_sequence(one_by_one, batch_first=True)
+        train_encoder = self.encoder.conv1.weight.requires_grad  # --train-encoder; LLaSO's encoder is frozen
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
+            mels = mels.to(next(self.encoder.parameters()).dtype)
+            if mels.shape[-1] == MEL_FRAMES_PER_CHUNK:
+                hidden = self.encoder(mels).last_hidden_state  # after the final LayerNorm, no pooling
+            else:  # a trimmed chunk, which transformers' forward refuses
+                hidden = whisper_forward(self.encoder, mels)
+        return self.projector(stack_frames(hidden.to(self.projector[0].weight.dtype), self.config.stack))
+
+    def real_frames(self, batch) -> list[int] | None:
+        """With trim_audio: each chunk's log-mel frames that hold audio (the batch's "audio_frames"); else None."""
+        if not self.config.trim_audio:
+            return None
+        if "audio_frames" not in batch:
+            raise ValueError("this model encodes audio at its real length (trim_audio), so the batch needs "
+                             "\"audio_frames\", each chunk's real log-mel frames (data.collate provides them)")
+        return batch["audio_frames"].tolist()
+
+    def chunk_positions(self, batch) -> list[int]:
+        """LLM positions of each audio chunk of the batch: 1500 in LLaSO; 1500/K with stack K; fewer if trimmed."""
+        frames = self.real_frames(batch) or [MEL_FRAMES_PER_CHUNK] * len(batch["mels"])
+        return [audio_positions(f, self.config.stack) for f in frames]
 
     # ---- splice
     def splice(self, batch, audio: torch.Tensor, left_pad: bool = False):
@@ -271,7 +346,10 @@ class LLaSO(nn.Module):
         """
         embed = self.llm.get_input_embeddings()
         device = embed.weight.device
-        slots = list(audio.flatten(0, 1).split([n * AUDIO_TOKENS_PER_CHUNK for n in batch["audio_chunks"].tolist()]))
+        sizes = self.chunk_positions(batch)  # a trimmed chunk's padding (see encode_audio) is left out here
+        flat = torch.cat([chunk[:n] for chunk, n in zip(audio, sizes)]) if len(audio) else audio.flatten(0, 1)
+        bounds = [0] + batch["audio_chunks"].cumsum(0).tolist()  # each file's chunks
+        slots = list(flat.split([sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]))
         rows, row_labels = [], []
         for ids, labels in zip(batch["input_ids"], batch["labels"]):
             ids, labels = ids.to(device), labels.to(device)
@@ -301,7 +379,7 @@ class LLaSO(nn.Module):
     # ---- training loss
     def forward(self, batch) -> torch.Tensor:
         """Mean next-token cross-entropy over the supervised tokens of the batch (fp32 logits)."""
-        audio = self.encode_audio(batch["mels"].to(self.projector[0].weight.device))
+        audio = self.encode_audio(batch["mels"].to(self.projector[0].weight.device), self.real_frames(batch))
         embeds, attention, labels, positions = self.splice(batch, audio)
         targets = labels[:, 1:]
         # LM-head logits only where some row is supervised: same loss, no [B, T, 128k] logits tensor.
@@ -320,7 +398,7 @@ class LLaSO(nn.Module):
         ids that skip the pads make every decoding step independent of the batch too. A row that has ended leaves
         the batch, so the longest answer does not keep paying for the shortest.
         """
-        audio = self.encode_audio(batch["mels"].to(self.projector[0].weight.device))
+        audio = self.encode_audio(batch["mels"].to(self.projector[0].weight.device), self.real_frames(batch))
         embeds, attention, _, positions = self.splice(batch, audio, left_pad=True)
         width, lengths = embeds.shape[1], attention.sum(1).tolist()
         rows = [self.llm(inputs_embeds=row[None, width - n :], use_cache=True, logits_to_keep=1)
@@ -401,6 +479,19 @@ class LLaSO(nn.Module):
         model = cls.from_parts(config, str(ckpt / "projector.safetensors"), encoder_dtype, llm_dtype)
         model.own_encoder = not encoder and Path(config.encoder) == ckpt / "encoder"
         return model
+
+
+def saved_audio_options(path: str | Path) -> tuple[int, bool] | None:
+    """(stack, trim_audio) of the model an artifact holds, from its llaso_config.json (for a projector file: the
+    one beside it; artifacts older than these options: (1, False)). The released checkpoint is (1, False).
+    None if nothing records them (a bare projector file)."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    if is_llava_checkpoint(folder):
+        return 1, False
+    if not (folder / "llaso_config.json").is_file():
+        return None
+    saved = json.loads((folder / "llaso_config.json").read_text())
+    return saved.get("stack", ModelConfig.stack), saved.get("trim_audio", ModelConfig.trim_audio)
 
 
 # ----------------------------------------------------------------------------------------------------------
