@@ -1,5 +1,7 @@
 """model.py: prompt bytes, splice, labels, frozen encoder, batch-invariant generation, checkpoints."""
 
+from collections import Counter
+
 import pytest
 import soundfile as sf
 import torch
@@ -201,6 +203,26 @@ def test_generation_matches_transformers_generate_on_text(make_tiny):
     theirs = theirs[0, len(ids):].tolist()
     stop = next((i for i, t in enumerate(theirs) if t in model.eos_ids), len(theirs))
     assert ours == theirs[:stop] and len(ours) > 0
+
+
+def test_batched_generation_matches_transformers_generate_on_audio(make_tiny):
+    """Our batched loop (left-padded static cache, rows leaving the batch) against transformers' own greedy generate
+    of each record alone, from the same spliced embeddings, with its default growing cache."""
+    model = sharpen(make_tiny())
+    batch = make_batch(model.tokenizer, RECORDS, chunks=[1, 3, 2, 1, 2, 1], answers=False)
+    free = model.generate_ids(batch, max_new_tokens=16)
+    common = Counter(t for row in free for t in set(row)).most_common(1)[0][0]
+    model.eos_ids = model.eos_ids + [common]  # a token most answers contain also ends a turn: rows end apart
+    ours = model.generate_ids(batch, max_new_tokens=16)
+    embeds, attention, _, _ = model.splice(batch, model.encode_audio(batch["mels"]))
+    theirs = []
+    for row, n in zip(embeds, attention.sum(1).tolist()):
+        out = model.llm.generate(inputs_embeds=row[None, :n], attention_mask=torch.ones(1, n, dtype=torch.long),
+                                 max_new_tokens=16, do_sample=False, eos_token_id=model.eos_ids,
+                                 pad_token_id=model.tokenizer.pad_token_id)[0].tolist()  # new tokens only
+        theirs.append(out[: next((i for i, t in enumerate(out) if t in model.eos_ids), len(out))])
+    assert ours == theirs
+    assert len({len(t) for t in theirs}) > 1 and max(map(len, theirs)) == 16  # rows end at different steps
 
 
 def test_save_load_round_trip_gives_identical_logits(make_tiny, tmp_path):
