@@ -707,19 +707,27 @@ def barrier(world, device):
         dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
 
 
-def load_model(ckpt, encoder=None, device="cpu"):
-    """bf16 on CUDA (as the reference), fp32 on CPU."""
+def default_dtype(device):
+    """bf16 on CUDA (as the reference evaluates), fp32 on CPU."""
     import torch
 
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_model(ckpt, encoder=None, device="cpu", dtype=None):
+    """The model in training's numerics: encoder and LLM loaded in `dtype` as training loads them (from_pretrained
+    keeps RoPE's inv_freq in fp32), the fp32 projector cast to `dtype` (what training's autocast computes it in).
+    Casting the whole model instead would round inv_freq to bf16: angle errors of radians after ~1,600 positions."""
     from model import LLaSO, is_llava_checkpoint
 
     ckpt = Path(ckpt)
     if not (ckpt / "llaso_config.json").is_file() and not is_llava_checkpoint(ckpt):
         raise SystemExit(f"--ckpt {ckpt}: neither a llaso-mini artifact (llaso_config.json) nor the released "
                          "LLaSO-Base checkpoint (config.json with model_type llava_llama)")
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    model = LLaSO.load(ckpt, encoder=encoder, encoder_dtype=dtype, llm_dtype=dtype)
-    return model.to(device=device, dtype=dtype).eval()
+    dtype = dtype or default_dtype(device)
+    model = LLaSO.load(ckpt, encoder=encoder, encoder_dtype=dtype, llm_dtype=dtype).to(device)
+    model.projector.to(dtype)  # it holds no buffers
+    return model.eval()
 
 
 def read_partials(out, stem):
@@ -795,7 +803,7 @@ def check_run(out, settings):
 
 
 def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max_new_tokens=256, workers=2,
-                   stop_after=None, compat_chunks=False):
+                   stop_after=None, compat_chunks=False, dtype=None):
     """Greedy answers for every record of every test file, written to out/<stem>.json; resumable; torchrun-aware.
 
     Records are split across ranks by index stride within each file and sorted by length within a rank's share
@@ -808,11 +816,11 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
     from data import Corpus, LLaSODataset, make_loader
 
     rank, world, device = distributed()
-    files, out = find_test_files(data), Path(out)
+    files, out, dtype = find_test_files(data), Path(out), dtype or default_dtype(device)
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
     check_run(out, {"ckpt": str(Path(ckpt).resolve()), "encoder": encoder, "max_new_tokens": max_new_tokens,
                     "compat_chunks": compat_chunks})
-    model = load_model(ckpt, encoder, device)
+    model = load_model(ckpt, encoder, device, dtype)
     corpus = Corpus(files, cache_dir=out / PARTIAL / "index")  # byte-offset index, so records are read one by one
     dataset = LLaSODataset(corpus, model.tokenizer, model.features, audio_root, max_len=model.config.max_text_len,
                            eval_mode=True, compat_chunks=compat_chunks)

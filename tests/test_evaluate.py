@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, SAMPLE
-from test_model import sharpen
+from test_model import RECORDS, full_logits, make_batch, sharpen
 
 import evaluate as ev
 import model as M
@@ -136,6 +136,22 @@ def test_bad_records_get_error_entries_and_the_rest_is_evaluated(ckpt, full, tmp
     scores = ev.score_directory(out)
     assert scores["files"][data.stem]["errors"] == 2 and scores["files"][data.stem]["n"] == 5  # no gold: unscored
     assert scores["summary"]["errors"] == 2 and any("2 records could not be evaluated" in n for n in scores["notes"])
+
+
+def test_evaluation_in_bf16_has_the_numerics_of_training(ckpt):
+    """load_model is training's model: encoder and LLM loaded in bf16 through from_pretrained, which keeps RoPE's
+    inv_freq in fp32, and the projector in bf16, as training's autocast computes its fp32 weights. Casting the whole
+    model (as evaluation did) rounded inv_freq to bf16."""
+    bf16 = torch.bfloat16
+    evaluation = ev.load_model(ckpt, dtype=bf16)
+    training = M.LLaSO.load(ckpt, encoder_dtype=bf16, llm_dtype=bf16)  # frozen parts, as align.py loads them
+    assert {k: b.dtype for k, b in evaluation.named_buffers()} == {k: b.dtype for k, b in training.named_buffers()}
+    assert {p.dtype for p in evaluation.parameters()} == {bf16}
+    batch = make_batch(evaluation.tokenizer, RECORDS[:3], chunks=[1, 2, 1])  # 1,500+ positions: RoPE matters
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=bf16):
+            want = full_logits(training, batch)[0]
+        torch.testing.assert_close(full_logits(evaluation, batch)[0], want, rtol=0, atol=0)
 
 
 def test_single_record_inference(ckpt, full):
