@@ -4,9 +4,10 @@
         -> the chunks replace each <audio> placeholder in the Llama-3 chat prompt -> Llama-3.2-3B-Instruct
 
 Reading order: prompt format -> tokens/labels -> encoder -> projector -> LLM + tokenizer -> splice -> loss
--> greedy generation -> checkpoints -> presets (the paper's models and an offline tiny one).
+-> greedy generation -> checkpoints -> presets (the paper's models; their architectures with random weights; a tiny
+pair), all offline but the first.
 
-    python model.py --preset tiny                     # write the tiny preset and print its sizes
+    python model.py --preset llaso-random             # parameters of each part, counted on the meta device
     python model.py --convert LLaSO-Base-3.8B-Instruct --out ckpt/llaso-base --encoder openai/whisper-large-v3
 """
 
@@ -149,6 +150,15 @@ def load_encoder(name_or_dir: str, dtype=torch.float32, weights_from: tuple[Path
     else:
         features = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
     return encoder, features
+
+
+def save_encoder(encoder, features, folder: Path):
+    """A Whisper-format folder with the encoder only (tensors under model.encoder.), as load_encoder reads it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.config.save_pretrained(folder)
+    features.save_pretrained(folder)
+    save_file({"model.encoder." + k: v.contiguous() for k, v in encoder.state_dict().items()},
+              folder / "model.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,11 +359,7 @@ class LLaSO(nn.Module):
             self.tokenizer.save_pretrained(out / "llm")
             config["llm"] = "llm"  # relative to the artifact directory
         if self.own_encoder:
-            (out / "encoder").mkdir(exist_ok=True)
-            self.encoder.config.save_pretrained(out / "encoder")
-            self.features.save_pretrained(out / "encoder")
-            save_file({"model.encoder." + k: v.contiguous() for k, v in self.encoder.state_dict().items()},
-                      out / "encoder" / "model.safetensors")
+            save_encoder(self.encoder, self.features, out / "encoder")
             config["encoder"] = "encoder"
         config["stage"] = 2 if with_llm else 1
         (out / "llaso_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -455,26 +461,94 @@ def load_llava(cls, folder: Path, encoder: str | None, encoder_dtype, llm_dtype)
     return model
 
 
-def projector_param_count(d_encoder: int = 1280, d_llm: int = 3072) -> int:
-    """Parameters of the projector, counted on the meta device (nothing allocated or downloaded)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in make_projector(d_encoder, d_llm).parameters())
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Presets: the paper's models, or a tiny random pair written to disk and loaded through the same code
+# Presets: the paper's models; the same architectures with random weights (llaso-random); a tiny random pair.
+# The random ones are written to disk once and loaded through the same code as the real models.
 
 PRESETS = {"llaso": ModelConfig()}
 TINY_VERSION = 1  # bump when build_tiny changes, so stale caches are rebuilt
+RANDOM_VERSION = 1  # the same for build_random
+
+# The architectures of openai/whisper-large-v3 and meta-llama/Llama-3.2-3B-Instruct, as their config.json give
+# them, so that llaso-random has the real shapes without a download.
+WHISPER_LARGE_V3 = dict(
+    num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+    decoder_layers=32, decoder_attention_heads=20, decoder_ffn_dim=5120, vocab_size=51866, max_source_positions=1500,
+    max_target_positions=448, activation_function="gelu", scale_embedding=False, pad_token_id=50256,
+    bos_token_id=50257, eos_token_id=50257, decoder_start_token_id=50258,
+)
+LLAMA_32_3B_INSTRUCT = dict(
+    vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+    num_key_value_heads=8, head_dim=128, hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=131072,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    tie_word_embeddings=True, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+)
 
 
 def preset(name: str) -> ModelConfig:
-    if name == "tiny":
+    """tiny and llaso-random are written to the cache folder on first use (llaso-random: 7.7 GB of bf16 weights)."""
+    if name in ("tiny", "llaso-random"):
         from data import DEFAULT_CACHE_DIR
 
-        folder = build_tiny(DEFAULT_CACHE_DIR / f"tiny-v{TINY_VERSION}")
+        build, version = (build_tiny, TINY_VERSION) if name == "tiny" else (build_random, RANDOM_VERSION)
+        folder = build(DEFAULT_CACHE_DIR / f"{name}-v{version}")
         return ModelConfig(encoder=str(folder / "encoder"), llm=str(folder / "llm"))
     return ModelConfig(**asdict(PRESETS[name]))
+
+
+def preset_parts(name: str):
+    """(Whisper config, LLM config, tokenizer) of a preset: everything but the weights."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if name == "llaso-random":
+        return WhisperConfig(**WHISPER_LARGE_V3), LlamaConfig(**LLAMA_32_3B_INSTRUCT), build_llama3_sized_tokenizer()
+    config = preset(name)
+    return (WhisperConfig.from_pretrained(resolve(config.encoder, weights=False)),
+            AutoConfig.from_pretrained(resolve(config.llm, weights=False)), AutoTokenizer.from_pretrained(config.llm))
+
+
+def parameter_counts(encoder_config, llm_config, tokenizer) -> dict[str, int]:
+    """Parameters of each part, the five new token rows included, counted on the meta device: nothing allocated."""
+    with torch.device("meta"):
+        encoder, llm = WhisperEncoder(encoder_config), AutoModelForCausalLM.from_config(llm_config)
+        add_audio_tokens(llm, tokenizer)
+        projector = make_projector(encoder_config.d_model, llm_config.hidden_size)
+    return {name: sum(p.numel() for p in part.parameters())
+            for name, part in [("encoder", encoder), ("projector", projector), ("llm", llm)]}
+
+
+def write_once(folder: Path, write, note: str) -> Path:
+    """write(tmp) into a temporary sibling of `folder`, then rename it to `folder`; later calls reuse it."""
+    folder = Path(folder)
+    if (folder / "done").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    write(tmp)
+    (tmp / "done").write_text(note + "\n")
+    try:
+        tmp.rename(folder)  # atomic: a concurrent builder either wins or finds the finished folder
+    except OSError:
+        shutil.rmtree(tmp)
+    return folder
+
+
+def build_random(folder: Path, seed: int = 0) -> Path:
+    """Whisper-large-v3's encoder and Llama-3.2-3B-Instruct with transformers' random init, in bf16 as the released
+    weights, and the Llama-3-sized tokenizer: the real model's shapes, memory and speed, offline. Nothing learns
+    from random weights; this preset is for benchmarks and memory checks."""
+
+    def write(tmp: Path):
+        torch.manual_seed(seed)
+        encoder_config, llm_config, tokenizer = preset_parts("llaso-random")
+        encoder = WhisperEncoder(encoder_config).to(torch.bfloat16)
+        save_encoder(encoder, WhisperFeatureExtractor(feature_size=encoder_config.num_mel_bins), tmp / "encoder")
+        del encoder
+        AutoModelForCausalLM.from_config(llm_config, dtype=torch.bfloat16).save_pretrained(tmp / "llm")
+        tokenizer.save_pretrained(tmp / "llm")
+
+    return write_once(folder, write, f"seed {seed}")
 
 
 # A few hundred words of the prompt format and typical instructions train the tiny tokenizer's merges.
@@ -491,12 +565,15 @@ LLAMA3_SPLIT = (  # Llama-3's pre-tokenizer pattern, so prompts split into piece
 )
 LLAMA3_CHAT_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                       "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]
+# Llama-3's 256 special tokens take ids 128,000-128,255: these eight at fixed ids, reserved ones in the gaps.
+LLAMA3_SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
+                      "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008,
+                      "<|eot_id|>": 128009, "<|python_tag|>": 128010}
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer with the Llama-3 chat special tokens, built offline."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def trained_bpe(special_tokens: list[str]):
+    """A byte-level BPE with Llama-3's pre-tokenizer, its 512-entry vocabulary trained offline on TINY_TEXT."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -504,13 +581,43 @@ def build_tiny_tokenizer():
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=LLAMA3_CHAT_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special_tokens, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TINY_TEXT, trainer)
+    return tok
+
+
+def llama3_style(tok):
+    """As Llama-3's: the tokenizer prepends <|begin_of_text|>, and <|eot_id|> ends a turn."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
-        ("<|begin_of_text|>", bos)])  # as Llama-3: BOS comes from the tokenizer
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer with the Llama-3 chat special tokens, built offline."""
+    return llama3_style(trained_bpe(LLAMA3_CHAT_TOKENS))
+
+
+def build_llama3_sized_tokenizer():
+    """The tiny tokenizer's merges with Llama-3's ids: 128,000 ordinary ids (past the 512 trained ones, placeholders
+    that no text produces), then Llama-3's 256 special tokens, so <|eot_id|> is 128009 and the five LLaSO tokens get
+    128,256-128,260, as with the real tokenizer."""
+    from tokenizers import AddedToken, Tokenizer
+
+    state = json.loads(trained_bpe([]).to_str())
+    vocab = state["model"]["vocab"]
+    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), 128000)})
+    tok = Tokenizer.from_str(json.dumps(state))
+    reserved = iter(f"<|reserved_special_token_{k}|>" for k in range(256))
+    by_id = {i: t for t, i in LLAMA3_SPECIAL_IDS.items()}
+    tok.add_special_tokens([AddedToken(by_id.get(i) or next(reserved), special=True, normalized=False)
+                            for i in range(128000, 128256)])
+    return llama3_style(tok)
 
 
 def build_tiny(folder: Path, seed: int = 0) -> Path:
@@ -522,58 +629,56 @@ def build_tiny(folder: Path, seed: int = 0) -> Path:
     """
     from transformers import LlamaConfig, LlamaForCausalLM, WhisperForConditionalGeneration
 
-    folder = Path(folder)
-    if (folder / "done").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tiny-"))
-    torch.manual_seed(seed)
-    whisper_config = WhisperConfig(
-        num_mel_bins=128, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=256,
-        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256, vocab_size=128, max_source_positions=1500,
-        max_target_positions=64, decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    whisper = WhisperForConditionalGeneration(whisper_config)
-    encoder = whisper.model.encoder
-    with torch.no_grad():
-        for module in encoder.modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d)):
-                module.reset_parameters()
-        encoder.conv1.weight.mul_(10)
-        encoder.conv2.weight.mul_(10)
-    whisper.save_pretrained(tmp / "encoder")
-    WhisperFeatureExtractor(feature_size=128).save_pretrained(tmp / "encoder")
+    def write(tmp: Path):
+        torch.manual_seed(seed)
+        whisper_config = WhisperConfig(
+            num_mel_bins=128, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=256,
+            decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256, vocab_size=128,
+            max_source_positions=1500, max_target_positions=64, decoder_start_token_id=1, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2,
+        )
+        whisper = WhisperForConditionalGeneration(whisper_config)
+        encoder = whisper.model.encoder
+        with torch.no_grad():
+            for module in encoder.modules():
+                if isinstance(module, (nn.Linear, nn.Conv1d)):
+                    module.reset_parameters()
+            encoder.conv1.weight.mul_(10)
+            encoder.conv2.weight.mul_(10)
+        whisper.save_pretrained(tmp / "encoder")
+        WhisperFeatureExtractor(feature_size=128).save_pretrained(tmp / "encoder")
 
-    tokenizer = build_tiny_tokenizer()
-    llama_config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=500000.0,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(llama_config).save_pretrained(tmp / "llm")
-    tokenizer.save_pretrained(tmp / "llm")
-    (tmp / "done").write_text(f"seed {seed}\n")
-    try:
-        tmp.rename(folder)  # atomic: a concurrent builder either wins or finds the finished folder
-    except OSError:
-        shutil.rmtree(tmp)
-    return folder
+        tokenizer = build_tiny_tokenizer()
+        llama_config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=500000.0,
+            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        LlamaForCausalLM(llama_config).save_pretrained(tmp / "llm")
+        tokenizer.save_pretrained(tmp / "llm")
+
+    return write_once(folder, write, f"seed {seed}")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "llaso"], help="models to load and describe")
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "llaso", "llaso-random"],
+                        help="models whose parameters to count, on the meta device (no weights loaded or allocated)")
     parser.add_argument("--convert", metavar="DIR", help="a released LLaSO checkpoint to convert to a stage-2 artifact")
     parser.add_argument("--out", help="where --convert writes the artifact")
     parser.add_argument("--encoder", help="Whisper id or directory for --convert (default openai/whisper-large-v3)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.convert:
+        if not args.out:
+            parser.error("--convert needs --out")
         LLaSO.load(args.convert, encoder=args.encoder).save(args.out, with_llm=True)
         print(f"wrote {args.out}")
-    else:
-        model = LLaSO.from_parts(preset(args.preset))
-        print(model.config)
-        for name in ["encoder", "projector", "llm"]:
-            print(f"{name}: {sum(p.numel() for p in getattr(model, name).parameters()):,} parameters")
+        return
+    for name, count in parameter_counts(*preset_parts(args.preset)).items():
+        print(f"{name}: {count:,} parameters")
+
+
+if __name__ == "__main__":
+    main()

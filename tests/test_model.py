@@ -240,8 +240,22 @@ def test_save_load_round_trip_gives_identical_logits(make_tiny, tmp_path):
     torch.testing.assert_close(full_logits(M.LLaSO.load(tmp_path / "stage1"), batch)[0], want, rtol=0, atol=0)
 
 
-def test_projector_has_the_papers_parameter_count():
-    assert M.projector_param_count(1280, 3072) == 13_375_488  # 1280*3072+3072 + 3072*3072+3072
+def test_llaso_random_has_the_papers_shapes(capsys):
+    """`python model.py --preset llaso-random` counts Whisper-large-v3's encoder, the projector and
+    Llama-3.2-3B-Instruct on the meta device; its tokenizer has Llama-3's special-token ids."""
+    d, ffn = 1280, 5120
+    layer = (4 * d * d + 3 * d) + 2 * d + (d * ffn + ffn) + (ffn * d + d) + 2 * d  # attention (no k bias), FFN, 2 LN
+    encoder = (128 * d * 3 + d) + (d * d * 3 + d) + 1500 * d + 32 * layer + 2 * d  # convs, positions, final LN
+    M.main(["--preset", "llaso-random"])
+    assert capsys.readouterr().out.splitlines() == [
+        f"encoder: {encoder:,} parameters",  # 635,048,960 + 1,920,000 position rows
+        "projector: 13,375,488 parameters",  # 1280*3072+3072 + 3072*3072+3072
+        f"llm: {3_212_749_824 + 5 * 3072:,} parameters",  # Llama-3.2-3B + the five new embedding rows (tied)
+    ]
+    tokenizer = M.preset_parts("llaso-random")[2]
+    assert len(tokenizer) == 128256 and tokenizer.convert_tokens_to_ids(M.EOS_TOKENS) == [128001, 128008, 128009]
+    ids = M.encode(tokenizer, M.prompt_text("Transcribe the speech.<audio>"))
+    assert ids[0] == 128000 and ids.count(128006) == 3 and ids.count(M.AUDIO_ID) == 1
 
 
 def test_tiny_encoder_hears_the_audio(tiny_config):
