@@ -566,7 +566,7 @@ LLAMA3_SPLIT = (  # Llama-3's pre-tokenizer pattern, so prompts split into piece
 LLAMA3_CHAT_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                       "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]
 # Llama-3's 256 special tokens take ids 128,000-128,255: these eight at fixed ids, reserved ones in the gaps.
-LLAMA3_SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
+LLAMA3_CONTROL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
                       "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008,
                       "<|eot_id|>": 128009, "<|python_tag|>": 128010}
 
@@ -614,7 +614,7 @@ def build_llama3_sized_tokenizer():
     vocab.update({f"<unused_{i}>": i for i in range(len(vocab), 128000)})
     tok = Tokenizer.from_str(json.dumps(state))
     reserved = iter(f"<|reserved_special_token_{k}|>" for k in range(256))
-    by_id = {i: t for t, i in LLAMA3_SPECIAL_IDS.items()}
+    by_id = {i: t for t, i in LLAMA3_CONTROL_IDS.items()}
     tok.add_special_tokens([AddedToken(by_id.get(i) or next(reserved), special=True, normalized=False)
                             for i in range(128000, 128256)])
     return llama3_style(tok)
