@@ -10,6 +10,16 @@ from conftest import SAMPLE
 
 import model as M
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On a busy 2-core machine two intra-op threads stall on every small op (generation tests: 18 s, not 2 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SYS = M.SYSTEM_PROMPT
 HEAD = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + SYS + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
 ASSISTANT = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
