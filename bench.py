@@ -183,6 +183,7 @@ def bench_eval(args):
     import torch
 
     import data
+    import evaluate
     import model
 
     devices = ["cpu"] + ["cuda"] * torch.cuda.is_available()
@@ -196,11 +197,13 @@ def bench_eval(args):
         for p in llaso.llm.parameters():
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ckpt = Path(args.workdir) / "eval-ckpt"
+    llaso.save(ckpt, with_llm=True)  # loaded back as evaluate.py loads it, per device
     corpus = data.Corpus(sorted((SAMPLE / "LLaSO-Eval").rglob("*_test.json")), cache_dir=args.workdir)
     dataset = data.LLaSODataset(corpus, llaso.tokenizer, llaso.features, SAMPLE / "audio", eval_mode=True)
     order = [i % len(corpus) for i in range(args.eval_records)]
     for device in devices:
-        llaso = llaso.to(device, torch.bfloat16 if device == "cuda" else torch.float32)
+        llaso = evaluate.load_model(ckpt, device=device)  # bf16 on CUDA, fp32 on CPU
         answers, rates = {}, {1: [], args.eval_batch: []}
         for _ in range(args.eval_repeats):  # alternating, so a slow spell of a shared machine hits both sides
             for batch_size in rates:

@@ -986,19 +986,27 @@ def barrier(world, device):
         dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
 
 
-def load_model(ckpt, encoder=None, device="cpu"):
-    """bf16 on CUDA (as the reference), fp32 on CPU."""
+def default_dtype(device):
+    """bf16 on CUDA (as the reference evaluates), fp32 on CPU."""
     import torch
 
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_model(ckpt, encoder=None, device="cpu", dtype=None):
+    """The model in training's numerics: encoder and LLM loaded in `dtype` as training loads them (from_pretrained
+    keeps RoPE's inv_freq in fp32), the fp32 projector cast to `dtype` (what training's autocast computes it in).
+    Casting the whole model instead would round inv_freq to bf16: angle errors of radians after ~1,600 positions."""
     from model import LLaSO, is_llava_checkpoint
 
     ckpt = Path(ckpt)
     if not (ckpt / "llaso_config.json").is_file() and not is_llava_checkpoint(ckpt):
         raise SystemExit(f"--ckpt {ckpt}: neither a llaso-mini artifact (llaso_config.json) nor the released "
                          "LLaSO-Base checkpoint (config.json with model_type llava_llama)")
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    model = LLaSO.load(ckpt, encoder=encoder, encoder_dtype=dtype, llm_dtype=dtype)
-    return model.to(device=device, dtype=dtype).eval()
+    dtype = dtype or default_dtype(device)
+    model = LLaSO.load(ckpt, encoder=encoder, encoder_dtype=dtype, llm_dtype=dtype).to(device)
+    model.projector.to(dtype)  # it holds no buffers
+    return model.eval()
 
 
 def read_partials(out, stem):
@@ -1061,20 +1069,79 @@ def merge(out, path, corpus, k):
     return True
 
 
-def check_run(out, settings):
-    """Refuse to mix predictions of different checkpoints or settings in one results directory."""
+FINGERPRINT_BLOCK, FINGERPRINT_BLOCKS = 1 << 20, 16
+
+
+def file_fingerprint(path):
+    """"size:hash" of a file: SHA-256 of 16 evenly spaced 1 MiB blocks, the first and last included (of the whole file
+    up to 16 MiB). Retraining rewrites every tensor of a weight file, so the sampled bytes change, and 16 MiB read per
+    file keeps this to a fraction of a second for multi-GB shards. No mtime: a copy of the same checkpoint (on another
+    node, after rsync) is the same model."""
+    import hashlib
+
+    size, digest = path.stat().st_size, hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= FINGERPRINT_BLOCK * FINGERPRINT_BLOCKS:
+            digest.update(f.read())
+        else:
+            for k in range(FINGERPRINT_BLOCKS):
+                f.seek(k * (size - FINGERPRINT_BLOCK) // (FINGERPRINT_BLOCKS - 1))
+                digest.update(f.read(FINGERPRINT_BLOCK))
+    return f"{size}:{digest.hexdigest()[:32]}"
+
+
+def model_files(ckpt, encoder, out):
+    """"part/path" -> fingerprint of every file the model is loaded from: the checkpoint folder, and the encoder and
+    LLM folders outside it that --encoder or a stage-1 artifact's llaso_config.json names (a hub id is only a name,
+    and llaso_config.json is fingerprinted with the checkpoint)."""
+    ckpt, config = Path(ckpt), Path(ckpt) / "llaso_config.json"
+    folders = {"ckpt": ckpt, **({"encoder": Path(encoder)} if encoder else {})}
+    for part, name in (json.loads(config.read_text()) if config.is_file() else {}).items():
+        if part in ("encoder", "llm") and part not in folders:
+            folders[part] = ckpt / name if (ckpt / name).is_dir() else Path(name)  # as LLaSO.load reads it
+    files = {}
+    for part, folder in folders.items():
+        if not folder.is_dir() or part != "ckpt" and folder.resolve().is_relative_to(ckpt.resolve()):
+            continue  # a hub id, or a folder inside the checkpoint
+        for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(folder)
+            skip = any(p.startswith(".") for p in relative.parts) or path.resolve().is_relative_to(Path(out).resolve())
+            if path.is_file() and not skip:  # skipped: hub-cache metadata, an --out inside the checkpoint
+                files[f"{part}/{relative.as_posix()}"] = file_fingerprint(path)
+    return files
+
+
+def differences(previous, settings):
+    """What differs between two run fingerprints, one phrase each; test files may be added, not changed."""
+    changed, shown = [], lambda v: f"{len(v)} entries" if isinstance(v, dict) else v
+    for key in sorted(set(previous) | set(settings)):
+        old, new = previous.get(key), settings.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names = sorted(n for n in (set(old) & set(new) if key == "test_files" else set(old) | set(new))
+                           if old.get(n) != new.get(n))
+            changed += [f"{key}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"] if names else []
+        elif old != new:
+            changed.append(f"{key}: {shown(old)} -> {shown(new)}")
+    return changed
+
+
+def check_run(out, settings, write=True):
+    """Refuse to mix answers of different models or settings in one results directory: .partial/run.json holds the
+    first run's fingerprint (model files, data settings, test files), and a rerun must match it."""
     path = out / PARTIAL / "run.json"
     if path.exists():
         previous = json.loads(path.read_text())
-        if previous != settings:
-            raise SystemExit(f"{out} holds predictions of another run ({previous}), not of {settings}: "
-                             "choose another --out, or delete it to start over")
-    else:
+        changed = differences(previous, settings)
+        if changed:
+            raise SystemExit(f"{out} holds predictions of another run; changed since: {'; '.join(changed)}. "
+                             "Choose another --out, or delete it to start over.")
+        settings = {**settings, "test_files": {**previous["test_files"], **settings["test_files"]}}
+    if write:
         write_json(path, settings)
 
 
 def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max_new_tokens=256, workers=2,
-                   stop_after=None, compat_chunks=False):
+                   stop_after=None, compat_chunks=False, dtype=None):
     """Greedy answers for every record of every test file, written to out/<stem>.json; resumable; torchrun-aware.
 
     Records are split across ranks by index stride within each file and sorted by length within a rank's share
@@ -1087,11 +1154,13 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
     from data import Corpus, LLaSODataset, make_loader
 
     rank, world, device = distributed()
-    files, out = find_test_files(data), Path(out)
+    files, out, dtype = find_test_files(data), Path(out), dtype or default_dtype(device)
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
-    check_run(out, {"ckpt": str(Path(ckpt).resolve()), "encoder": encoder, "max_new_tokens": max_new_tokens,
-                    "compat_chunks": compat_chunks})
-    model = load_model(ckpt, encoder, device)
+    check_run(out, {"model_files": model_files(ckpt, encoder, out), "encoder": encoder, "dtype": str(dtype),
+                    "max_new_tokens": max_new_tokens, "compat_chunks": compat_chunks,
+                    "audio_root": str(Path(audio_root).resolve()),
+                    "test_files": {f.stem: file_fingerprint(f) for f in files}}, write=rank == 0)
+    model = load_model(ckpt, encoder, device, dtype)
     corpus = Corpus(files, cache_dir=out / PARTIAL / "index")  # byte-offset index, so records are read one by one
     dataset = LLaSODataset(corpus, model.tokenizer, model.features, audio_root, max_len=model.config.max_text_len,
                            eval_mode=True, compat_chunks=compat_chunks)

@@ -7,9 +7,10 @@ Options beyond LLaSO, off by default (ModelConfig.stack, .trim_audio): K encoder
 position (1500/K per chunk), and encoding only a clip's real length instead of 30 s of padding.
 
 Reading order: prompt format -> tokens/labels -> encoder -> projector -> LLM + tokenizer -> splice -> loss
--> greedy generation -> checkpoints -> presets (the paper's models and an offline tiny one).
+-> greedy generation -> checkpoints -> presets (the paper's models; their architectures with random weights; a tiny
+pair), all offline but the first.
 
-    python model.py --preset tiny                     # write the tiny preset and print its sizes
+    python model.py --preset llaso-random             # parameters of each part, counted on the meta device
     python model.py --convert LLaSO-Base-3.8B-Instruct --out ckpt/llaso-base --encoder openai/whisper-large-v3
 """
 
@@ -24,8 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, WhisperConfig, WhisperFeatureExtractor
-from transformers.cache_utils import DynamicLayer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache, WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,6 +156,15 @@ def load_encoder(name_or_dir: str, dtype=torch.float32, weights_from: tuple[Path
     return encoder, features
 
 
+def save_encoder(encoder, features, folder: Path):
+    """A Whisper-format folder with the encoder only (tensors under model.encoder.), as load_encoder reads it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.config.save_pretrained(folder)
+    features.save_pretrained(folder)
+    save_file({"model.encoder." + k: v.contiguous() for k, v in encoder.state_dict().items()},
+              folder / "model.safetensors")
+
+
 def whisper_forward(encoder: WhisperEncoder, mels: torch.Tensor) -> torch.Tensor:
     """WhisperEncoder's computation on log-mels of any length up to 3000 frames: [n, n_mels, F] -> [n, ceil(F/2), d].
 
@@ -226,38 +235,11 @@ def load_llm(name_or_dir: str, dtype=torch.float32):
 # The model
 
 
-class PreallocatedLayer(DynamicLayer):
-    """One layer's KV cache for batched decoding: the per-row prefills, left-padded with zeros to `width`, in a
-    buffer with room for `room` more positions. A step writes its column in place; keys/values are views of the
-    filled part, so attention sees exactly what a growing cache holds, without re-copying it every step."""
-
-    def __init__(self, prefills: list[DynamicLayer], width: int, room: int):
-        super().__init__()
-        k = prefills[0].keys
-        self.lazy_initialization(k, k)
-        self.buffers = [k.new_zeros(len(prefills), k.shape[1], width + room, k.shape[3]) for _ in "kv"]
-        for row, layer in enumerate(prefills):
-            n = layer.keys.shape[2]
-            self.buffers[0][row, :, width - n: width] = layer.keys[0]
-            self.buffers[1][row, :, width - n: width] = layer.values[0]
-        self.filled = width
-        self.show_filled()
-
-    def show_filled(self):
-        """keys/values, as attention and the cache's length queries read them: the filled part of the buffers."""
-        self.keys, self.values = (b[:, :, :self.filled] for b in self.buffers)
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        n = key_states.shape[2]
-        for buffer, new in zip(self.buffers, (key_states, value_states)):
-            buffer[:, :, self.filled: self.filled + n] = new
-        self.filled += n
-        self.show_filled()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices):
-        self.buffers = [b[indices] for b in self.buffers]
-        self.show_filled()
+def left_padded(caches: list[torch.Tensor]) -> torch.Tensor:
+    """One layer's keys (or values) of prompts of different lengths, [heads, n_i, d] each -> [rows, heads, max n_i, d],
+    zeros on the left."""
+    rows = [c.transpose(0, 1) for c in caches]
+    return nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_side="left").transpose(1, 2)
 
 
 @dataclass
@@ -403,11 +385,16 @@ class LLaSO(nn.Module):
         width, lengths = embeds.shape[1], attention.sum(1).tolist()
         rows = [self.llm(inputs_embeds=row[None, width - n :], use_cache=True, logits_to_keep=1)
                 for row, n in zip(embeds, lengths)]
-        cache = DynamicCache()
-        cache.layers = [PreallocatedLayer([r.past_key_values.layers[i] for r in rows], width, max_new_tokens)
-                        for i in range(len(rows[0].past_key_values.layers))]
+        # A StaticCache has room for the answers: a step writes its column in place, where a growing DynamicCache
+        # copies the whole cache (batch 16 on the tiny preset: 15% more records/s; on a GPU decoding is bound by
+        # memory traffic and that copy moves twice the cache's bytes per step). Columns not yet written are masked.
+        cache = StaticCache(self.llm.config, max_cache_len=width + max_new_tokens)
+        for i, layers in enumerate(zip(*(r.past_key_values.layers for r in rows))):
+            cache.update(left_padded([layer.keys[0] for layer in layers]),
+                         left_padded([layer.values[0] for layer in layers]), i)
         logits = torch.cat([r.logits[:, -1] for r in rows])
         del rows
+        attention = torch.cat([attention, attention.new_zeros(len(embeds), max_new_tokens)], 1)
         eos = torch.tensor(self.eos_ids, device=embeds.device)
         tokens, alive = [[] for _ in embeds], list(range(len(embeds)))  # alive: batch row -> record
         for step in range(max_new_tokens):
@@ -421,12 +408,11 @@ class LLaSO(nn.Module):
                 keep = (~ended).nonzero().flatten()
                 alive = [alive[i] for i in keep.tolist()]
                 next_token, attention, positions = next_token[keep], attention[keep], positions[keep]
-                cache.batch_select_indices(keep)
-            attention = torch.cat([attention, attention.new_ones(len(alive), 1)], 1)
+                cache.reorder_cache(keep)  # keeps these rows, in this order
+            attention[:, width + step] = 1  # the column this step writes
             positions = positions[:, -1:] + 1
-            out = self.llm(input_ids=next_token[:, None], attention_mask=attention, position_ids=positions,
-                           past_key_values=cache, use_cache=True)
-            logits, cache = out.logits[:, -1], out.past_key_values
+            logits = self.llm(input_ids=next_token[:, None], attention_mask=attention, position_ids=positions,
+                              past_key_values=cache, use_cache=True).logits[:, -1]
         return [row[:-1] if row and row[-1] in self.eos_ids else row for row in tokens]
 
     def generate(self, batch, max_new_tokens: int = 256) -> list[str]:
@@ -451,11 +437,7 @@ class LLaSO(nn.Module):
             self.tokenizer.save_pretrained(out / "llm")
             config["llm"] = "llm"  # relative to the artifact directory
         if self.own_encoder:
-            (out / "encoder").mkdir(exist_ok=True)
-            self.encoder.config.save_pretrained(out / "encoder")
-            self.features.save_pretrained(out / "encoder")
-            save_file({"model.encoder." + k: v.contiguous() for k, v in self.encoder.state_dict().items()},
-                      out / "encoder" / "model.safetensors")
+            save_encoder(self.encoder, self.features, out / "encoder")
             config["encoder"] = "encoder"
         config["stage"] = 2 if with_llm else 1
         (out / "llaso_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -570,26 +552,94 @@ def load_llava(cls, folder: Path, encoder: str | None, encoder_dtype, llm_dtype)
     return model
 
 
-def projector_param_count(d_encoder: int = 1280, d_llm: int = 3072) -> int:
-    """Parameters of the projector, counted on the meta device (nothing allocated or downloaded)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in make_projector(d_encoder, d_llm).parameters())
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Presets: the paper's models, or a tiny random pair written to disk and loaded through the same code
+# Presets: the paper's models; the same architectures with random weights (llaso-random); a tiny random pair.
+# The random ones are written to disk once and loaded through the same code as the real models.
 
 PRESETS = {"llaso": ModelConfig()}
 TINY_VERSION = 1  # bump when build_tiny changes, so stale caches are rebuilt
+RANDOM_VERSION = 1  # the same for build_random
+
+# The architectures of openai/whisper-large-v3 and meta-llama/Llama-3.2-3B-Instruct, as their config.json give
+# them, so that llaso-random has the real shapes without a download.
+WHISPER_LARGE_V3 = dict(
+    num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+    decoder_layers=32, decoder_attention_heads=20, decoder_ffn_dim=5120, vocab_size=51866, max_source_positions=1500,
+    max_target_positions=448, activation_function="gelu", scale_embedding=False, pad_token_id=50256,
+    bos_token_id=50257, eos_token_id=50257, decoder_start_token_id=50258,
+)
+LLAMA_32_3B_INSTRUCT = dict(
+    vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+    num_key_value_heads=8, head_dim=128, hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=131072,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    tie_word_embeddings=True, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+)
 
 
 def preset(name: str) -> ModelConfig:
-    if name == "tiny":
+    """tiny and llaso-random are written to the cache folder on first use (llaso-random: 7.7 GB of bf16 weights)."""
+    if name in ("tiny", "llaso-random"):
         from data import DEFAULT_CACHE_DIR
 
-        folder = build_tiny(DEFAULT_CACHE_DIR / f"tiny-v{TINY_VERSION}")
+        build, version = (build_tiny, TINY_VERSION) if name == "tiny" else (build_random, RANDOM_VERSION)
+        folder = build(DEFAULT_CACHE_DIR / f"{name}-v{version}")
         return ModelConfig(encoder=str(folder / "encoder"), llm=str(folder / "llm"))
     return ModelConfig(**asdict(PRESETS[name]))
+
+
+def preset_parts(name: str):
+    """(Whisper config, LLM config, tokenizer) of a preset: everything but the weights."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if name == "llaso-random":
+        return WhisperConfig(**WHISPER_LARGE_V3), LlamaConfig(**LLAMA_32_3B_INSTRUCT), build_llama3_sized_tokenizer()
+    config = preset(name)
+    return (WhisperConfig.from_pretrained(resolve(config.encoder, weights=False)),
+            AutoConfig.from_pretrained(resolve(config.llm, weights=False)), AutoTokenizer.from_pretrained(config.llm))
+
+
+def parameter_counts(encoder_config, llm_config, tokenizer) -> dict[str, int]:
+    """Parameters of each part, the five new token rows included, counted on the meta device: nothing allocated."""
+    with torch.device("meta"):
+        encoder, llm = WhisperEncoder(encoder_config), AutoModelForCausalLM.from_config(llm_config)
+        add_audio_tokens(llm, tokenizer)
+        projector = make_projector(encoder_config.d_model, llm_config.hidden_size)
+    return {name: sum(p.numel() for p in part.parameters())
+            for name, part in [("encoder", encoder), ("projector", projector), ("llm", llm)]}
+
+
+def write_once(folder: Path, write, note: str) -> Path:
+    """write(tmp) into a temporary sibling of `folder`, then rename it to `folder`; later calls reuse it."""
+    folder = Path(folder)
+    if (folder / "done").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    write(tmp)
+    (tmp / "done").write_text(note + "\n")
+    try:
+        tmp.rename(folder)  # atomic: a concurrent builder either wins or finds the finished folder
+    except OSError:
+        shutil.rmtree(tmp)
+    return folder
+
+
+def build_random(folder: Path, seed: int = 0) -> Path:
+    """Whisper-large-v3's encoder and Llama-3.2-3B-Instruct with transformers' random init, in bf16 as the released
+    weights, and the Llama-3-sized tokenizer: the real model's shapes, memory and speed, offline. Nothing learns
+    from random weights; this preset is for benchmarks and memory checks."""
+
+    def write(tmp: Path):
+        torch.manual_seed(seed)
+        encoder_config, llm_config, tokenizer = preset_parts("llaso-random")
+        encoder = WhisperEncoder(encoder_config).to(torch.bfloat16)
+        save_encoder(encoder, WhisperFeatureExtractor(feature_size=encoder_config.num_mel_bins), tmp / "encoder")
+        del encoder
+        AutoModelForCausalLM.from_config(llm_config, dtype=torch.bfloat16).save_pretrained(tmp / "llm")
+        tokenizer.save_pretrained(tmp / "llm")
+
+    return write_once(folder, write, f"seed {seed}")
 
 
 # A few hundred words of the prompt format and typical instructions train the tiny tokenizer's merges.
@@ -604,14 +654,17 @@ LLAMA3_SPLIT = (  # Llama-3's pre-tokenizer pattern, so prompts split into piece
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
-LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]
+LLAMA3_CHAT_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                      "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]
+# Llama-3's 256 special tokens take ids 128,000-128,255: these eight at fixed ids, reserved ones in the gaps.
+LLAMA3_CONTROL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
+                      "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008,
+                      "<|eot_id|>": 128009, "<|python_tag|>": 128010}
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer with the Llama-3 chat special tokens, built offline."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def trained_bpe(special_tokens: list[str]):
+    """A byte-level BPE with Llama-3's pre-tokenizer, its 512-entry vocabulary trained offline on TINY_TEXT."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -619,13 +672,43 @@ def build_tiny_tokenizer():
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=LLAMA3_SPECIAL, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special_tokens, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TINY_TEXT, trainer)
+    return tok
+
+
+def llama3_style(tok):
+    """As Llama-3's: the tokenizer prepends <|begin_of_text|>, and <|eot_id|> ends a turn."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
-        ("<|begin_of_text|>", bos)])  # as Llama-3: BOS comes from the tokenizer
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer with the Llama-3 chat special tokens, built offline."""
+    return llama3_style(trained_bpe(LLAMA3_CHAT_TOKENS))
+
+
+def build_llama3_sized_tokenizer():
+    """The tiny tokenizer's merges with Llama-3's ids: 128,000 ordinary ids (past the 512 trained ones, placeholders
+    that no text produces), then Llama-3's 256 special tokens, so <|eot_id|> is 128009 and the five LLaSO tokens get
+    128,256-128,260, as with the real tokenizer."""
+    from tokenizers import AddedToken, Tokenizer
+
+    state = json.loads(trained_bpe([]).to_str())
+    vocab = state["model"]["vocab"]
+    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), 128000)})
+    tok = Tokenizer.from_str(json.dumps(state))
+    reserved = iter(f"<|reserved_special_token_{k}|>" for k in range(256))
+    by_id = {i: t for t, i in LLAMA3_CONTROL_IDS.items()}
+    tok.add_special_tokens([AddedToken(by_id.get(i) or next(reserved), special=True, normalized=False)
+                            for i in range(128000, 128256)])
+    return llama3_style(tok)
 
 
 def build_tiny(folder: Path, seed: int = 0) -> Path:
@@ -637,58 +720,56 @@ def build_tiny(folder: Path, seed: int = 0) -> Path:
     """
     from transformers import LlamaConfig, LlamaForCausalLM, WhisperForConditionalGeneration
 
-    folder = Path(folder)
-    if (folder / "done").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tiny-"))
-    torch.manual_seed(seed)
-    whisper_config = WhisperConfig(
-        num_mel_bins=128, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=256,
-        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256, vocab_size=128, max_source_positions=1500,
-        max_target_positions=64, decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    whisper = WhisperForConditionalGeneration(whisper_config)
-    encoder = whisper.model.encoder
-    with torch.no_grad():
-        for module in encoder.modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d)):
-                module.reset_parameters()
-        encoder.conv1.weight.mul_(10)
-        encoder.conv2.weight.mul_(10)
-    whisper.save_pretrained(tmp / "encoder")
-    WhisperFeatureExtractor(feature_size=128).save_pretrained(tmp / "encoder")
+    def write(tmp: Path):
+        torch.manual_seed(seed)
+        whisper_config = WhisperConfig(
+            num_mel_bins=128, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=256,
+            decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256, vocab_size=128,
+            max_source_positions=1500, max_target_positions=64, decoder_start_token_id=1, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2,
+        )
+        whisper = WhisperForConditionalGeneration(whisper_config)
+        encoder = whisper.model.encoder
+        with torch.no_grad():
+            for module in encoder.modules():
+                if isinstance(module, (nn.Linear, nn.Conv1d)):
+                    module.reset_parameters()
+            encoder.conv1.weight.mul_(10)
+            encoder.conv2.weight.mul_(10)
+        whisper.save_pretrained(tmp / "encoder")
+        WhisperFeatureExtractor(feature_size=128).save_pretrained(tmp / "encoder")
 
-    tokenizer = build_tiny_tokenizer()
-    llama_config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=500000.0,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(llama_config).save_pretrained(tmp / "llm")
-    tokenizer.save_pretrained(tmp / "llm")
-    (tmp / "done").write_text(f"seed {seed}\n")
-    try:
-        tmp.rename(folder)  # atomic: a concurrent builder either wins or finds the finished folder
-    except OSError:
-        shutil.rmtree(tmp)
-    return folder
+        tokenizer = build_tiny_tokenizer()
+        llama_config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=500000.0,
+            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        LlamaForCausalLM(llama_config).save_pretrained(tmp / "llm")
+        tokenizer.save_pretrained(tmp / "llm")
+
+    return write_once(folder, write, f"seed {seed}")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "llaso"], help="models to load and describe")
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "llaso", "llaso-random"],
+                        help="models whose parameters to count, on the meta device (no weights loaded or allocated)")
     parser.add_argument("--convert", metavar="DIR", help="a released LLaSO checkpoint to convert to a stage-2 artifact")
     parser.add_argument("--out", help="where --convert writes the artifact")
     parser.add_argument("--encoder", help="Whisper id or directory for --convert (default openai/whisper-large-v3)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.convert:
+        if not args.out:
+            parser.error("--convert needs --out")
         LLaSO.load(args.convert, encoder=args.encoder).save(args.out, with_llm=True)
         print(f"wrote {args.out}")
-    else:
-        model = LLaSO.from_parts(preset(args.preset))
-        print(model.config)
-        for name in ["encoder", "projector", "llm"]:
-            print(f"{name}: {sum(p.numel() for p in getattr(model, name).parameters()):,} parameters")
+        return
+    for name, count in parameter_counts(*preset_parts(args.preset)).items():
+        print(f"{name}: {count:,} parameters")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, SAMPLE
-from test_model import sharpen
+from test_model import RECORDS, full_logits, make_batch, sharpen
 
 import evaluate as ev
 import model as M
@@ -117,6 +117,55 @@ def test_interrupted_run_resumes_without_duplicates(ckpt, full, tmp_path, capsys
         ev.generate_files(ckpt, [str(SMALL[0])], AUDIO_ROOT, tmp_path, max_new_tokens=TOKENS + 1, workers=0)
 
 
+def test_a_rerun_with_retrained_weights_or_other_data_is_refused(ckpt, tmp_path):
+    """.partial/run.json fingerprints the model's files and the data: the same --ckpt path holding retrained weights,
+    another --audio-root or an edited test file must not keep the old answers, nor mix in new ones."""
+    model_dir, copy, out = tmp_path / "instruct", tmp_path / "copy", tmp_path / "out"
+    shutil.copytree(ckpt, model_dir)
+    shutil.copytree(ckpt, copy)
+
+    def run(ckpt_dir, data=SMALL[0], audio_root=AUDIO_ROOT):
+        ev.main(["--ckpt", str(ckpt_dir), "--data", str(data), "--audio-root", str(audio_root), "--out", str(out),
+                 "--max-new-tokens", "4", "--workers", "0"])
+
+    run(model_dir)
+    done = (out / SMALL[0].name).stat().st_mtime_ns
+    run(copy)  # the same weights in another folder are the same model: accepted, nothing redone
+    assert (out / SMALL[0].name).stat().st_mtime_ns == done
+
+    retrained = M.LLaSO.load(model_dir)
+    with torch.no_grad():
+        retrained.projector[0].bias.add_(0.01)
+    retrained.save(model_dir, with_llm=True)
+    with pytest.raises(SystemExit, match="model_files: ckpt/projector.safetensors"):
+        run(model_dir)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(SystemExit, match="audio_root: "):
+        run(copy, audio_root=tmp_path / "elsewhere")
+    records = json.loads(SMALL[0].read_text(encoding="utf-8"))
+    records[2]["conversations"][0]["value"] += " Answer briefly."
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / SMALL[0].name).write_text(json.dumps(records), encoding="utf-8")
+    with pytest.raises(SystemExit, match=f"test_files: {SMALL[0].stem}"):
+        run(copy, data=tmp_path / "data" / SMALL[0].name)
+
+
+def test_a_large_file_is_fingerprinted_by_its_size_and_sampled_blocks(tmp_path):
+    """Over 16 MiB a weight file is sampled: the same bytes elsewhere match; a changed size, last byte or range of
+    2 MiB (any tensor of 1/15 of the file) does not."""
+    data = bytearray(torch.randint(0, 256, (20 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+                     .numpy().tobytes())
+    changes = {"same": lambda d: d, "size": lambda d: d + b"\0", "last byte": lambda d: d[:-1] + bytes([d[-1] ^ 1]),
+               "middle": lambda d: d[: 9 << 20] + bytes(2 << 20) + d[11 << 20:]}
+    prints = {}
+    for name, change in changes.items():
+        (tmp_path / name).write_bytes(change(bytes(data)))
+        prints[name] = ev.file_fingerprint(tmp_path / name)
+    (tmp_path / "original").write_bytes(data)
+    assert ev.file_fingerprint(tmp_path / "original") == prints["same"]
+    assert len(set(prints.values())) == len(prints)
+
+
 def test_bad_records_get_error_entries_and_the_rest_is_evaluated(ckpt, full, tmp_path):
     records = json.loads(SMALL[0].read_text())
     records[1]["voice"] = ["eval/nowhere/missing.wav"]
@@ -136,6 +185,22 @@ def test_bad_records_get_error_entries_and_the_rest_is_evaluated(ckpt, full, tmp
     scores = ev.score_directory(out)
     assert scores["files"][data.stem]["errors"] == 2 and scores["files"][data.stem]["n"] == 5  # no gold: unscored
     assert scores["summary"]["errors"] == 2 and any("2 records could not be evaluated" in n for n in scores["notes"])
+
+
+def test_evaluation_in_bf16_has_the_numerics_of_training(ckpt):
+    """load_model is training's model: encoder and LLM loaded in bf16 through from_pretrained, which keeps RoPE's
+    inv_freq in fp32, and the projector in bf16, as training's autocast computes its fp32 weights. Casting the whole
+    model (as evaluation did) rounded inv_freq to bf16."""
+    bf16 = torch.bfloat16
+    evaluation = ev.load_model(ckpt, dtype=bf16)
+    training = M.LLaSO.load(ckpt, encoder_dtype=bf16, llm_dtype=bf16)  # frozen parts, as align.py loads them
+    assert {k: b.dtype for k, b in evaluation.named_buffers()} == {k: b.dtype for k, b in training.named_buffers()}
+    assert {p.dtype for p in evaluation.parameters()} == {bf16}
+    batch = make_batch(evaluation.tokenizer, RECORDS[:3], chunks=[1, 2, 1])  # 1,500+ positions: RoPE matters
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=bf16):
+            want = full_logits(training, batch)[0]
+        torch.testing.assert_close(full_logits(evaluation, batch)[0], want, rtol=0, atol=0)
 
 
 def test_single_record_inference(ckpt, full):

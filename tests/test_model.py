@@ -1,5 +1,7 @@
 """model.py: prompt bytes, splice, labels, frozen encoder, batch-invariant generation, checkpoints."""
 
+from collections import Counter
+
 import pytest
 import soundfile as sf
 import torch
@@ -7,6 +9,16 @@ import torch.nn.functional as F
 from conftest import SAMPLE
 
 import model as M
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On a busy 2-core machine two intra-op threads stall on every small op (generation tests: 18 s, not 2 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 SYS = M.SYSTEM_PROMPT
 HEAD = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + SYS + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
@@ -203,6 +215,26 @@ def test_generation_matches_transformers_generate_on_text(make_tiny):
     assert ours == theirs[:stop] and len(ours) > 0
 
 
+def test_batched_generation_matches_transformers_generate_on_audio(make_tiny):
+    """Our batched loop (left-padded static cache, rows leaving the batch) against transformers' own greedy generate
+    of each record alone, from the same spliced embeddings, with its default growing cache."""
+    model = sharpen(make_tiny())
+    batch = make_batch(model.tokenizer, RECORDS, chunks=[1, 3, 2, 1, 2, 1], answers=False)
+    free = model.generate_ids(batch, max_new_tokens=16)
+    common = Counter(t for row in free for t in set(row)).most_common(1)[0][0]
+    model.eos_ids = model.eos_ids + [common]  # a token most answers contain also ends a turn: rows end apart
+    ours = model.generate_ids(batch, max_new_tokens=16)
+    embeds, attention, _, _ = model.splice(batch, model.encode_audio(batch["mels"]))
+    theirs = []
+    for row, n in zip(embeds, attention.sum(1).tolist()):
+        out = model.llm.generate(inputs_embeds=row[None, :n], attention_mask=torch.ones(1, n, dtype=torch.long),
+                                 max_new_tokens=16, do_sample=False, eos_token_id=model.eos_ids,
+                                 pad_token_id=model.tokenizer.pad_token_id)[0].tolist()  # new tokens only
+        theirs.append(out[: next((i for i, t in enumerate(out) if t in model.eos_ids), len(out))])
+    assert ours == theirs
+    assert len({len(t) for t in theirs}) > 1 and max(map(len, theirs)) == 16  # rows end at different steps
+
+
 def test_save_load_round_trip_gives_identical_logits(make_tiny, tmp_path):
     model = sharpen(make_tiny(seed=3))
     batch = make_batch(model.tokenizer, RECORDS[:3], chunks=[1, 2, 1])
@@ -218,8 +250,22 @@ def test_save_load_round_trip_gives_identical_logits(make_tiny, tmp_path):
     torch.testing.assert_close(full_logits(M.LLaSO.load(tmp_path / "stage1"), batch)[0], want, rtol=0, atol=0)
 
 
-def test_projector_has_the_papers_parameter_count():
-    assert M.projector_param_count(1280, 3072) == 13_375_488  # 1280*3072+3072 + 3072*3072+3072
+def test_llaso_random_has_the_papers_shapes(capsys):
+    """`python model.py --preset llaso-random` counts Whisper-large-v3's encoder, the projector and
+    Llama-3.2-3B-Instruct on the meta device; its tokenizer has Llama-3's special-token ids."""
+    d, ffn = 1280, 5120
+    layer = (4 * d * d + 3 * d) + 2 * d + (d * ffn + ffn) + (ffn * d + d) + 2 * d  # attention (no k bias), FFN, 2 LN
+    encoder = (128 * d * 3 + d) + (d * d * 3 + d) + 1500 * d + 32 * layer + 2 * d  # convs, positions, final LN
+    M.main(["--preset", "llaso-random"])
+    assert capsys.readouterr().out.splitlines() == [
+        f"encoder: {encoder:,} parameters",  # 635,048,960 + 1,920,000 position rows
+        "projector: 13,375,488 parameters",  # 1280*3072+3072 + 3072*3072+3072
+        f"llm: {3_212_749_824 + 5 * 3072:,} parameters",  # Llama-3.2-3B + the five new embedding rows (tied)
+    ]
+    tokenizer = M.preset_parts("llaso-random")[2]
+    assert len(tokenizer) == 128256 and tokenizer.convert_tokens_to_ids(M.EOS_TOKENS) == [128001, 128008, 128009]
+    ids = M.encode(tokenizer, M.prompt_text("Transcribe the speech.<audio>"))
+    assert ids[0] == 128000 and ids.count(128006) == 3 and ids.count(M.AUDIO_ID) == 1
 
 
 def test_tiny_encoder_hears_the_audio(tiny_config):
