@@ -25,6 +25,7 @@ batches, same losses; refused if a setting that changes the trajectory differs),
 """
 
 import argparse
+import importlib
 import itertools
 import json
 import math
@@ -62,9 +63,9 @@ SAMPLE = ROOT / "sample"
 # 0.15 %, cosine, one epoch, AdamW without weight decay). Every field with a help text is a command-line flag.
 
 
-def knob(default, help: str, stage: int = 1):
+def knob(default, help: str, stage: int = 1, choices=None):
     """A Config field that is a command-line flag: default and help in one place (stage=2: instruct.py only)."""
-    metadata = {"help": help, "stage": stage}
+    metadata = {"help": help, "stage": stage, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -118,6 +119,9 @@ class Config:
                             "the LLM (stage 2 takes it from its --projector/--init model)")
     train_encoder: bool = knob(False, "train the Whisper encoder too, with the LLM and projector (fp32 master "
                                "weights; the artifact carries encoder/)", stage=2)
+    report_to: str = knob("none", "experiment tracker that rank 0 sends each log.jsonl line and the config to "
+                          "(wandb: also offline with WANDB_MODE=offline; tensorboard: --out/tensorboard)",
+                          choices=["none", "wandb", "tensorboard"])
 
 
 # The tiny preset: models that fit a CPU, the sample corpus, batches small enough for a few minutes. The tiny
@@ -146,7 +150,7 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
         elif f.type is list:
             parser.add_argument(flag, nargs="+", help=help)
         else:
-            parser.add_argument(flag, type=f.type, help=help)
+            parser.add_argument(flag, type=f.type, choices=f.metadata["choices"], help=help)
     args = vars(parser.parse_args(argv))  # None = not given
     cfg = config_class()
     if args.pop("preset") == "tiny":
@@ -165,6 +169,7 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
         parser.error("--data and --audio-root are required (or use --preset tiny)")
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out and --overwrite deletes it: give one of them")
+    check_tracker(cfg.report_to)  # before any model is loaded
     return cfg
 
 
@@ -316,7 +321,8 @@ def gather(obj, env: Env) -> list:
 # ----------------------------------------------------------------------------------------------------------
 # --out: one run per folder
 
-RUN_FILES = ["log.jsonl", "llaso_config.json", "projector.safetensors", "mm_audio_aligner.bin", "llm", "encoder"]
+RUN_FILES = ["log.jsonl", "llaso_config.json", "projector.safetensors", "mm_audio_aligner.bin", "llm", "encoder",
+             "tracker.json", "tensorboard", "wandb"]
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -463,7 +469,7 @@ def stand_in_batch(model: M.LLaSO) -> dict:
 # every fact run_settings adds must be what the checkpoint recorded. grad_accum may trade against the number of
 # ranks (the same micro-batches, more or fewer per rank): global_batch and batch_size must match.
 MAY_CHANGE = {"workers", "save_every", "keep", "stop_after", "resume", "overwrite", "strict", "peak_tflops", "out",
-              "grad_accum"}
+              "grad_accum", "report_to"}
 
 
 def run_settings(cfg: Config, corpus: D.Corpus, plan: Plan, env: Env) -> dict:
@@ -647,14 +653,81 @@ def step_record(step: int, stats: StepStats, lr: float, norm: float | None, seco
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Experiment tracking (--report-to): rank 0 sends every log.jsonl line to wandb or TensorBoard
+
+
+TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
+
+
+def check_tracker(kind: str):
+    """Before any model is loaded: a missing tracker package stops the run with the command that installs it."""
+    if kind == "none":
+        return
+    try:
+        importlib.import_module(TRACKER_PACKAGES[kind])
+    except ImportError:
+        raise SystemExit(f"--report-to {kind} needs the {TRACKER_PACKAGES[kind]} package: pip install "
+                         f"{TRACKER_PACKAGES[kind]} (or pip install -r requirements-extras.txt)") from None
+
+
+class Tracker:
+    """--out/tracker.json holds the tracked run's id and the last step sent, so --resume continues the same run
+    (same wandb id, same TensorBoard folder) and no step is there twice. TensorBoard replaces the steps after the
+    checkpoint (purge_step), as log.jsonl does; wandb cannot, so the steps a resumed run repeats are not sent
+    again (their losses are the same: resume is exact; only their timings differ)."""
+
+    def __init__(self, kind: str, out: Path, config: dict, master: bool, step: int):
+        self.kind, self.path = (kind if master else "none"), out / "tracker.json"
+        if self.kind == "none":
+            return
+        state = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if self.kind == "wandb":
+            import wandb
+
+            self.run_id, self.last = state.get("run_id") or os.urandom(4).hex(), state.get("last_step", 0)
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "llaso-mini"), id=self.run_id,
+                                  resume="allow", dir=out, name=out.name, config=config)
+        else:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.run_id, self.last = None, step
+            self.run = SummaryWriter(out / "tensorboard", purge_step=step + 1 if step else None)
+            if not step:
+                self.run.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+        self.save()
+
+    def save(self):
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"kind": self.kind, "run_id": self.run_id, "last_step": self.last}) + "\n")
+        tmp.replace(self.path)
+
+    def log(self, record: dict):
+        if self.kind == "none" or record["step"] <= self.last:
+            return
+        values = {k: v for k, v in record.items() if k != "step"}
+        if self.kind == "wandb":
+            self.run.log(values, step=record["step"])
+        else:
+            for key, value in values.items():
+                self.run.add_scalar(key, value, record["step"])
+            self.run.flush()
+        self.last = record["step"]
+        self.save()
+
+    def close(self):
+        if self.kind != "none":
+            self.run.finish() if self.kind == "wandb" else self.run.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Log, checkpoints, final artifact
 
 
 class RunLog:
     """log.jsonl (one JSON line per optimizer step) and the progress bar, on rank 0."""
 
-    def __init__(self, out: Path, step: int, end: int, stage: int, master: bool):
-        self.path, self.master = out / "log.jsonl", master
+    def __init__(self, out: Path, step: int, end: int, stage: int, master: bool, tracker: "Tracker"):
+        self.path, self.master, self.tracker = out / "log.jsonl", master, tracker
         if master:
             self.start(step)
         self.progress = tqdm(total=end, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
@@ -680,6 +753,7 @@ class RunLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.tracker.log(record)
         self.progress.update(1)
         if record["loss"] is None:
             tqdm.write(f"step {record['step']}: no usable record on any rank, no update", file=sys.stderr)
@@ -802,7 +876,8 @@ def train(cfg: Config, stage: Stage):
               f"steps ({plan.warmup} warm-up), {sum(p.numel() for p in params):,} trainable parameters"
               + (f", resuming after step {step} from {resume[0]}" if resume else ""))
 
-    log = RunLog(out, step, plan.end, stage.number, env.master)
+    tracker = Tracker(cfg.report_to, out, settings, env.master, step)
+    log = RunLog(out, step, plan.end, stage.number, env.master, tracker)
     batches = micro_batches(stage, corpus, dataset, cfg, plan, env, first_step=step)
     peak = peak_flops(cfg) * env.world if env.cuda else 0.0
     flops_of = (lambda batch: batch_flops(model, batch, train_llm=stage.number == 2)) if peak else None
@@ -817,6 +892,7 @@ def train(cfg: Config, stage: Stage):
             log.write(step_record(step, stats, lr, norm, time.time() - t0, peak))
             if step % cfg.save_every == 0 or step == plan.end:
                 save_checkpoint(cfg, wrapped, optimizer, names, step, plan, skipped, settings, env)
+    tracker.close()
 
     if step == plan.total:  # only when the schedule has run to its end
         save_final(cfg, stage, model, wrapped, names, env)
