@@ -36,3 +36,13 @@ def make_tiny(tiny_config):
         return M.LLaSO.from_parts(tiny_config)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """On a busy 2-core machine two intra-op threads stall on every small op (the generation tests took 18 s instead
+    of 2 s); one thread never does. Modules that run many small ops in-process use it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ EVAL, AUDIO_ROOT, TOKENS = SAMPLE / "LLaSO-Eval", SAMPLE / "audio", 12
 SMALL = [EVAL / "audio_text" / "dolly_instruction_0_test.json", EVAL / "pure_audio" / "alpaca_gpt4_end_test.json"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a busy 2-core machine two intra-op threads stall on every small op (10-25x slower); one never does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}

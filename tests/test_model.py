@@ -11,13 +11,7 @@ from conftest import SAMPLE
 import model as M
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a busy 2-core machine two intra-op threads stall on every small op (generation tests: 18 s, not 2 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SYS = M.SYSTEM_PROMPT

@@ -27,13 +27,7 @@ import model as M
 TOKENS = ["--stack", 5, "--trim-audio"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a busy 2-core machine two intra-op threads stall on every small op; one never does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tiny_config, seed=0, **options) -> M.LLaSO:
