@@ -1,5 +1,6 @@
 """align.py / instruct.py as a demanding user meets them: reruns into the same --out, changed flags on --resume,
---max-steps, broken corpus files, unusable records, torn logs, full disks, planted pickles, --init's encoder.
+--max-steps, broken corpus files, unusable records, torn logs, full disks, planted pickles, --init's encoder, the
+distributed tear-down.
 Through the command line (main(argv)); tiny models, 4 records, a few steps each."""
 
 import errno
