@@ -25,6 +25,7 @@ batches, same losses; refused if a setting that changes the trajectory differs),
 """
 
 import argparse
+import gc
 import importlib
 import itertools
 import json
@@ -898,9 +899,10 @@ def train(cfg: Config, stage: Stage):
         save_final(cfg, stage, model, wrapped, names, env)
     report_skipped(skipped, env)
     if env.distributed:
-        # A barrier waits without holding the GIL, so gloo's threads can first release the last collective's
-        # Python tensors; tearing the group down right after all_gather_object can deadlock.
-        dist.barrier()
+        # DDP's reducer holds the process group. Freed after destroy_process_group, it would tear the group down
+        # holding the GIL, which gloo's threads may still need to free a finished collective's tensors: a deadlock.
+        del wrapped
+        gc.collect()  # DDP sits in reference cycles: free it now, not at some later collection
         dist.destroy_process_group()
     return model
 

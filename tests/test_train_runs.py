@@ -1,5 +1,6 @@
 """align.py / instruct.py as a demanding user meets them: reruns into the same --out, changed flags on --resume,
---max-steps, broken corpus files, unusable records, torn logs, full disks, planted pickles, --init's encoder.
+--max-steps, broken corpus files, unusable records, torn logs, full disks, planted pickles, --init's encoder, the
+distributed tear-down.
 Through the command line (main(argv)); tiny models, 4 records, a few steps each."""
 
 import errno
@@ -316,3 +317,30 @@ def test_init_keeps_the_artifacts_own_encoder_unless_encoder_is_given(tiny_confi
     instruct.main(list(map(str, common + ["--out", tmp_path / "given", "--encoder", tiny_dir / "encoder"])))
     given = M.LLaSO.load(tmp_path / "given").encoder.conv1.weight
     assert torch.equal(given, M.LLaSO.from_parts(tiny_config).encoder.conv1.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tear-down: DDP's reducer must not outlive the process group (it would destroy the group holding the GIL, which
+# gloo's threads may need to free a finished collective's tensors: an occasional hang at the end of a run)
+
+
+def test_ddp_is_gone_before_the_process_group_is_destroyed(corpus, tiny_dir, tmp_path, monkeypatch):
+    import gc
+    import socket
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(key, str(value))  # a one-rank torchrun: the distributed path, with DDP
+    real_destroy, alive = align.dist.destroy_process_group, []
+
+    def destroy(*a, **k):
+        alive.append(sum(type(o) is DDP for o in gc.get_objects()))
+        return real_destroy(*a, **k)
+
+    monkeypatch.setattr(align.dist, "destroy_process_group", destroy)
+    align.main(flags(tiny_dir, corpus, tmp_path / "out", *ARGS, "--stop-after", 1))
+    assert alive == [0]
