@@ -124,6 +124,8 @@ BROKEN = {
                                  ["record 2", "byte "]),
     "non-UTF-8 byte": (records_bytes(ALIGN[:2]).replace(b"red kite", b"red k\xffite"), ["record 0", "byte "]),
     "empty file": (b"", []),
+    "one JSON object, not a list": (json.dumps({f"r{i}": r for i, r in enumerate(ALIGN[:4])}, indent=1).encode(),
+                                    ["expected a JSON list of records, or JSONL"]),
 }
 
 
