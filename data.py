@@ -72,8 +72,7 @@ class RecordError(ValueError):
 
 
 def corpus_files(paths: list, pattern: str = "*") -> list[Path]:
-    """JSON/JSONL files named by `paths`; a folder stands for every *.json / *.jsonl below it matching `pattern`,
-    sorted."""
+    """Files named by `paths`; a folder stands for every *.json / *.jsonl below it matching `pattern`, sorted."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():

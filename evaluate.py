@@ -849,9 +849,8 @@ def unit_value(entries):
     values = []
     for e in entries:
         key, x = e["primary"], e.get(e["primary"])
-        if x is None:
-            continue
-        values.append(max(0.0, 1 - x / MAE_SCALE[e["kind"]]) if key == "mae" else TO_UNIT[key][1](x))
+        if x is not None:
+            values.append(max(0.0, 1 - x / MAE_SCALE[e["kind"]]) if key == "mae" else TO_UNIT[key][1](x))
     return statistics.fmean(values) if values else None
 
 
@@ -897,7 +896,7 @@ def plot_scores(all_scores, path):
         panel = fig.add_subplot(grid[row, 1])
         bars = []  # (label, [value per model])
         for metric in metrics:
-            for task, _ in scores_tasks(all_scores, metric):
+            for task in scores_tasks(all_scores, metric):
                 label = task if len(metrics) == 1 else f"{task} ({metric.upper()})"
                 bars.append((label, [s["tasks"].get(task, {}).get(metric) for s in all_scores.values()]))
         width = 0.8 / max(1, len(names))
@@ -914,12 +913,8 @@ def plot_scores(all_scores, path):
 
 def scores_tasks(all_scores, metric):
     """Tasks that report `metric` in any of the models, in name order."""
-    tasks = {}
-    for s in all_scores.values():
-        for task, row in s["tasks"].items():
-            if row.get(metric) is not None:
-                tasks[task] = row
-    return sorted(tasks.items())
+    return sorted({task for scores in all_scores.values() for task, row in scores["tasks"].items()
+                   if row.get(metric) is not None})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
