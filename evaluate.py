@@ -872,7 +872,8 @@ def plot_scores(all_scores, path):
     angles = np.linspace(0, 2 * np.pi, len(keys), endpoint=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, axes) in enumerate(zip(names, per_model)):
-        values = [np.nan if (v := unit_value(axes.get(k, []))) is None else v for k in keys]  # nan: a gap
+        values = [unit_value(axes.get(k, [])) for k in keys]
+        values = [np.nan if v is None else v for v in values]  # a gap in the polygon, not a zero
         closed = np.append(values, values[0])
         radar.plot(np.append(angles, angles[0]), closed, color=colors[i % 10], linewidth=2, label=name)
         radar.fill(np.append(angles, angles[0]), np.nan_to_num(closed), color=colors[i % 10], alpha=0.12)
