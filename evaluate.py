@@ -1088,13 +1088,17 @@ def model_files(ckpt, encoder, out):
 
 def differences(previous, settings):
     """What differs between two run fingerprints, one phrase each; test files may be added, not changed."""
-    changed, shown = [], lambda v: f"{len(v)} entries" if isinstance(v, dict) else v
+    def shown(value):
+        return f"{len(value)} entries" if isinstance(value, dict) else value
+
+    changed = []
     for key in sorted(set(previous) | set(settings)):
         old, new = previous.get(key), settings.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             names = sorted(n for n in (set(old) & set(new) if key == "test_files" else set(old) | set(new))
                            if old.get(n) != new.get(n))
-            changed += [f"{key}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"] if names else []
+            if names:
+                changed.append(f"{key}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
         elif old != new:
             changed.append(f"{key}: {shown(old)} -> {shown(new)}")
     return changed
