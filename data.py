@@ -72,8 +72,7 @@ class RecordError(ValueError):
 
 
 def corpus_files(paths: list, pattern: str = "*") -> list[Path]:
-    """JSON/JSONL files named by `paths`; a folder stands for every *.json / *.jsonl below it matching `pattern`,
-    sorted."""
+    """Files named by `paths`; a folder stands for every *.json / *.jsonl below it matching `pattern`, sorted."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -188,7 +187,7 @@ def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
         pos = separator.end()
 
 
-def scan_jsonl(f, name) -> Iterator[tuple[int, int, object]]:
+def scan_jsonl(f) -> Iterator[tuple[int, int, object]]:
     """Yield (byte offset, byte length, parsed line) per non-empty line; a broken line is indexed as malformed."""
     offset = 0
     for line in f:
@@ -239,7 +238,7 @@ def is_jsonl(f, path: Path) -> bool:
 
 
 def scan_records(f, path: Path):
-    return scan_jsonl(f, path) if is_jsonl(f, path) else scan_json_array(f, path)
+    return scan_jsonl(f) if is_jsonl(f, path) else scan_json_array(f, path)
 
 
 def index_path(corpus_file: Path, cache_dir=None) -> Path:

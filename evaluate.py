@@ -16,9 +16,7 @@ cannot be evaluated (missing or unreadable audio, malformed record) is never dro
 bf16 on CUDA (as the reference), fp32 on CPU.
 
 Batching: LLaSO.generate left-pads with position ids that skip the pads, so a record's answer does not depend on
-its batch (tested in fp32). --batch-size 1 is the reference's exact protocol; in bf16 the different matmul shapes of
-a batch can, in rare near-ties, flip a token. Records are sorted by length within a file for batching; outputs are
-written in input order.
+its batch (tested in fp32; in bf16 a rare near-tie may flip a token: --batch-size 1 is the reference's protocol).
 
 Resuming: answers are appended per batch to RESULTS_DIR/.partial/<stem>.rank<r>.jsonl; rerunning the same command
 answers only what is missing, and <stem>_test.json is written (atomically) once all its records are answered.
@@ -45,20 +43,11 @@ Score a directory of prediction files alone: one file per test file, `<stem>_tes
     OPENAI_API_KEY=... python evaluate.py --score results/A --judge-url https://api.openai.com/v1/chat/completions
 
 Each directory gets `scores.json` (per file, per task/category/modality, summary; rates as fractions, abstention in
-percent) and `scores.md`. Metrics: WER/CER corpus level; PER; closed-set accuracy and abstention rate;
-MAE with coverage; pronunciation regex agreement; LLM-judge means read from `gpt_result/<stem>.jsonl` (--judge-url
-fills in the missing ones; the key comes from $OPENAI_API_KEY and goes to that URL's host only). Nothing is coerced:
-an answer that is not a string is an error entry (scored as an empty answer), a record whose gold is empty or not a
-string is left out; both are counted and listed in scores.json, scores.md and on the terminal. README "Scoring"
-states every rule of both modes.
-
-Default-mode text normalisation (WER/CER): lowercase, ’ -> ', every Unicode punctuation character except the
-apostrophe becomes a space, whitespace collapsed. An empty hypothesis counts as all deletions.
-
-Normalised score (>1 directory, or --normalized): for every test file scored in all directories, min-max normalise
-its primary metric (WER, PER, accuracy, MAE, judge mean) across the directories, invert lower-is-better metrics,
-skip files where all models tie, and average per model. This is llaso-mini's own recipe: the paper's formula is not
-public and its pool of models differs, so the number is NOT comparable with the paper's 0.72.
+percent) and `scores.md`. Judge means are read from `gpt_result/<stem>.jsonl` (--judge-url fills in the missing
+ones; the key comes from $OPENAI_API_KEY and goes to that URL's host only). Nothing is coerced: an answer that is not
+a string is an error entry (scored as an empty answer), a record whose gold is empty or not a string is left out;
+both are counted and listed. README "Scoring" states every rule of both modes. The normalised score (>1 directory,
+or --normalized) is llaso-mini's own min-max recipe, NOT comparable with the paper's 0.72 (see normalized_scores).
 """
 import argparse
 import json
@@ -116,6 +105,7 @@ PRIMARY = {"asr": ("wer", "cer"), "per": ("per",), "pron": ("judge_mean",), "jud
            "judge+acc": ("judge_mean",), "acc": ("accuracy", "abstention_pct"), "age": ("mae",), "pitch": ("mae",)}
 JUDGED = {"pron", "judge", "judge+acc"}
 LOWER_IS_BETTER = {"wer", "cer", "per", "mae"}
+METRICS = ["wer", "cer", "per", "accuracy", "abstention_pct", "mae", "judge_mean"]  # column order of every table
 
 
 def infer_task(stem, golds):
@@ -227,11 +217,7 @@ def read_records(path):
 
 def load_results(path):
     """-> Predictions of one file; raises ValueError naming the file and record if the file cannot be scored.
-
-    Nothing is coerced: an answer that is not a string (a list, an object, null) is an error entry, scored as an
-    empty answer, like a record that generation could not evaluate ("error" field); a record whose gold is missing,
-    empty or not a string cannot be scored and is left out. Both are listed.
-    """
+    An answer that is not a string (a list, an object, null) is an error entry, like an "error" record."""
     rows, errors, unscorable = [], [], []
     for i, record in enumerate(read_records(path)):
         where = f"{path.name} record {i}"
@@ -288,15 +274,14 @@ def error_rate(out):
 
 def wer_cer(golds, preds, compat):
     if compat == "llaso":  # reference quirk kept on purpose: gold passed as hypothesis, answer as reference
-        refs, hyps, words, chars = preds, golds, RAW_WORDS, RAW_CHARS
+        refs, hyps = preds, golds
     elif compat == "standard":
-        refs, hyps, words, chars = golds, preds, RAW_WORDS, RAW_CHARS
+        refs, hyps = golds, preds
     else:
         refs, hyps = [normalize_text(g) for g in golds], [normalize_text(p) for p in preds]
-        words, chars = RAW_WORDS, RAW_CHARS  # on normalised text these only tokenise
     # jiwer 4 accepts empty strings: an empty hypothesis aligns as all deletions, an empty reference as insertions
-    w = jiwer.process_words(refs, hyps, reference_transform=words, hypothesis_transform=words)
-    c = jiwer.process_characters(refs, hyps, reference_transform=chars, hypothesis_transform=chars)
+    w = jiwer.process_words(refs, hyps, reference_transform=RAW_WORDS, hypothesis_transform=RAW_WORDS)
+    c = jiwer.process_characters(refs, hyps, reference_transform=RAW_CHARS, hypothesis_transform=RAW_CHARS)
     result = {"wer": error_rate(w), "cer": error_rate(c), "empty_predictions": sum(not p.strip() for p in preds),
               "empty_golds": sum(not g.strip() for g in golds)}
     if compat == "llaso" and result["empty_predictions"]:
@@ -591,11 +576,8 @@ def ask_judge(url, key, model, temperature, reference, predicted, timeout=120):
 
 
 def judge_file(results_dir, path, rows, url, key, model, temperature):
-    """Ask the judge about every record without a current verdict; appends to gpt_result/<stem>.jsonl (cache).
-
-    Verdicts carry the record's index in the prediction file, so they stay with their record when others are left
-    out; one whose "predicted" is not the record's current answer is asked again.
-    """
+    """Ask the judge about every record without a current verdict (one whose "predicted" is the record's current
+    answer); appends to gpt_result/<stem>.jsonl (cache), keyed by the record's index in the prediction file."""
     verdicts_path = results_dir / "gpt_result" / f"{path.stem}.jsonl"
     verdicts = read_verdicts(verdicts_path)
     todo = [row for row in rows
@@ -735,9 +717,9 @@ def score_directory(results_dir, compat=None, judge=None):
         if files[stem]["task"] == "unknown":
             notes.append(f"`{stem}` is not a LLaSO-Eval file: scored as `{files[stem]['kind']}` (inferred from its "
                          "name and golds)")
-    keys = ("wer", "cer", "per", "accuracy", "abstention_pct", "judge_mean")
+    keys = [k for k in METRICS if k != "mae"]  # MAE per task only: years and semitones do not average
     return {"mode": compat or "default", "files": files, "summary": summarize(files),
-            "tasks": group_table(files, "task", keys + ("mae",)), "categories": group_table(files, "category", keys),
+            "tasks": group_table(files, "task", keys + ["mae"]), "categories": group_table(files, "category", keys),
             "modalities": group_table(files, "modality", keys), "notes": notes, "skipped": skipped}
 
 
@@ -746,7 +728,9 @@ def score_directory(results_dir, compat=None, judge=None):
 
 
 def normalized_scores(scores_by_model):
-    """Min-max per shared file over the pool, lower-is-better inverted, mean per model (llaso-mini recipe)."""
+    """llaso-mini's recipe (the paper's formula is not public and its pool of models differs): for every test file
+    scored in all directories, min-max normalise its primary metric across them, invert lower-is-better metrics,
+    skip files where all tie, and average per model."""
     models = list(scores_by_model)
     shared = set.intersection(*(set(s["files"]) for s in scores_by_model.values()))
     points, used = {m: [] for m in models}, 0
@@ -780,15 +764,14 @@ def md_table(rows, columns, first="name"):
 
 
 def scores_markdown(title, scores):
-    metric_cols = ["wer", "cer", "per", "accuracy", "abstention_pct", "mae", "judge_mean"]
-    group_cols = ["files", "n", "wer", "cer", "per", "accuracy", "abstention_pct", "judge_mean"]  # MAE units differ
+    group_cols = ["files", "n"] + [k for k in METRICS if k != "mae"]  # MAE units differ
     files = {stem: {**e, "coverage": e.get("coverage", e.get("judge_coverage"))} for stem, e in scores["files"].items()}
     summary = {k: v for k, v in scores["summary"].items() if k != "mae"}
     parts = [f"# Scores: {title}", f"Mode: **{scores['mode']}** (see `evaluate.py` docstring). Rates are fractions, "
              "abstention in percent, MAE with coverage = items used / items.",
              "## Summary", md_table({k: {"value": v} for k, v in summary.items()}, ["value"], "metric"),
-             "## Files", md_table(files, ["task", "modality", "n"] + metric_cols + ["coverage"], "file"),
-             "## Tasks", md_table(scores["tasks"], ["files", "n"] + metric_cols, "task"),
+             "## Files", md_table(files, ["task", "modality", "n"] + METRICS + ["coverage"], "file"),
+             "## Tasks", md_table(scores["tasks"], ["files", "n"] + METRICS, "task"),
              "## Categories", md_table(scores["categories"], group_cols, "category"),
              "## Modalities", md_table(scores["modalities"], group_cols, "modality")]
     if "normalized_score" in scores["summary"]:
@@ -798,9 +781,6 @@ def scores_markdown(title, scores):
     if scores["notes"]:
         parts += ["## Notes"] + [f"- {n}" for n in scores["notes"]]
     return "\n\n".join(parts) + "\n"
-
-
-TERMINAL_COLUMNS = ["wer", "cer", "per", "accuracy", "abstention_pct", "mae", "judge_mean"]
 
 
 def score_directories(dirs, compat=None, normalized=False, judge=None):
@@ -822,8 +802,8 @@ def score_directories(dirs, compat=None, normalized=False, judge=None):
         line = " ".join(f"{k}={fmt(v)}" for k, v in shown.items())
         if "normalized_score" in s:
             line += f" normalized={fmt(s['normalized_score']['value'])}"
-        print(md_table(scores["tasks"], ["files", "n"] + [c for c in TERMINAL_COLUMNS
-                                                          if any(c in row for row in scores["tasks"].values())], "task"))
+        shown_columns = [c for c in METRICS if any(c in row for row in scores["tasks"].values())]
+        print(md_table(scores["tasks"], ["files", "n"] + shown_columns, "task"))
         print(f"{d}: {s['n_files']} files, {s['n_items']} items, {line}\n  -> {Path(d, 'scores.md')} "
               f"(every file, task, category, modality) and scores.json")
         print_unscored(scores)
@@ -857,7 +837,7 @@ FAMILIES = [("error rate ↓", ("wer", "cer", "per")), ("closed-set accuracy ↑
 
 
 def radar_axes(scores):
-    """Task axes in catalogue order; open-ended QA is one axis per modality configuration."""
+    """(category, task) -> its files' entries; open-ended QA is one axis per modality configuration."""
     axes = {}
     for stem, e in scores["files"].items():
         name = f"{e['task']} {e['modality']}" if e["task"] == "open-ended QA" else e["task"]
@@ -869,9 +849,8 @@ def unit_value(entries):
     values = []
     for e in entries:
         key, x = e["primary"], e.get(e["primary"])
-        if x is None:
-            continue
-        values.append(max(0.0, 1 - x / MAE_SCALE[e["kind"]]) if key == "mae" else TO_UNIT[key][1](x))
+        if x is not None:
+            values.append(max(0.0, 1 - x / MAE_SCALE[e["kind"]]) if key == "mae" else TO_UNIT[key][1](x))
     return statistics.fmean(values) if values else None
 
 
@@ -886,7 +865,7 @@ def plot_scores(all_scores, path):
 
     names = [Path(d).name for d in all_scores]
     per_model = [radar_axes(s) for s in all_scores.values()]
-    keys = sorted(set().union(*per_model), key=lambda k: (k[0], k[1]))
+    keys = sorted(set().union(*per_model))  # (category, task)
     fig = plt.figure(figsize=(22, 13), constrained_layout=True)
     grid = fig.add_gridspec(len(FAMILIES), 2, width_ratios=[1.05, 1])
     radar = fig.add_subplot(grid[:, 0], projection="polar")
@@ -894,7 +873,7 @@ def plot_scores(all_scores, path):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, axes) in enumerate(zip(names, per_model)):
         values = [unit_value(axes.get(k, [])) for k in keys]
-        values = [np.nan if v is None else v for v in values]
+        values = [np.nan if v is None else v for v in values]  # a gap in the polygon, not a zero
         closed = np.append(values, values[0])
         radar.plot(np.append(angles, angles[0]), closed, color=colors[i % 10], linewidth=2, label=name)
         radar.fill(np.append(angles, angles[0]), np.nan_to_num(closed), color=colors[i % 10], alpha=0.12)
@@ -918,7 +897,7 @@ def plot_scores(all_scores, path):
         panel = fig.add_subplot(grid[row, 1])
         bars = []  # (label, [value per model])
         for metric in metrics:
-            for task, _ in scores_tasks(all_scores, metric):
+            for task in scores_tasks(all_scores, metric):
                 label = task if len(metrics) == 1 else f"{task} ({metric.upper()})"
                 bars.append((label, [s["tasks"].get(task, {}).get(metric) for s in all_scores.values()]))
         width = 0.8 / max(1, len(names))
@@ -935,12 +914,8 @@ def plot_scores(all_scores, path):
 
 def scores_tasks(all_scores, metric):
     """Tasks that report `metric` in any of the models, in name order."""
-    tasks = {}
-    for s in all_scores.values():
-        for task, row in s["tasks"].items():
-            if row.get(metric) is not None:
-                tasks[task] = row
-    return sorted(tasks.items())
+    return sorted({task for scores in all_scores.values() for task, row in scores["tasks"].items()
+                   if row.get(metric) is not None})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1113,13 +1088,17 @@ def model_files(ckpt, encoder, out):
 
 def differences(previous, settings):
     """What differs between two run fingerprints, one phrase each; test files may be added, not changed."""
-    changed, shown = [], lambda v: f"{len(v)} entries" if isinstance(v, dict) else v
+    def shown(value):
+        return f"{len(value)} entries" if isinstance(value, dict) else value
+
+    changed = []
     for key in sorted(set(previous) | set(settings)):
         old, new = previous.get(key), settings.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             names = sorted(n for n in (set(old) & set(new) if key == "test_files" else set(old) | set(new))
                            if old.get(n) != new.get(n))
-            changed += [f"{key}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"] if names else []
+            if names:
+                changed.append(f"{key}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
         elif old != new:
             changed.append(f"{key}: {shown(old)} -> {shown(new)}")
     return changed
@@ -1142,12 +1121,9 @@ def check_run(out, settings, write=True):
 
 def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max_new_tokens=256, workers=2,
                    stop_after=None, compat_chunks=False, dtype=None):
-    """Greedy answers for every record of every test file, written to out/<stem>.json; resumable; torchrun-aware.
-
-    Records are split across ranks by index stride within each file and sorted by length within a rank's share
-    (batches of similar prompts pad less); outputs are written in input order. stop_after (tests) ends the run
-    after that many batches, as a crash would. Returns (files completed, files in total, error entries).
-    """
+    """Greedy answers for every record of every test file, written to out/<stem>.json (see the module docstring).
+    A rank's share of a file is sorted by length (batches of similar prompts pad less). stop_after (tests) ends the
+    run after that many batches, as a crash would. Returns (files completed, files in total, error entries)."""
     import torch
     from tqdm import tqdm
 
