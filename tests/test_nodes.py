@@ -1,6 +1,7 @@
 """Several nodes on one machine: two torchrun agents on localhost meet by c10d rendezvous, as two nodes would. The
 corpus sits in a folder no index is written to (read-only shared storage); each node keeps its indexes in its own
---index-dir. Node "a" runs rank 0, node "b" ranks 1 and 2."""
+--index-dir. Node "a" runs rank 0, node "b" ranks 1 and 2. Then load_corpus's turns alone, with ranks as threads,
+for an index folder per node and for one that all nodes share."""
 
 import json
 import os
@@ -8,8 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -53,18 +58,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(script, args_of, timeout=300):
-    """Node "a" (one process) and node "b" (two) as two torchrun agents; args_of(node) -> that node's arguments.
-    Distinct --local-addr values make the layout certain: c10d numbers nodes in the sorted order of their
-    addresses, so "a" (127.0.0.1) is node 0 and holds rank 0."""
+def two_nodes(script, args_of, logs, timeout=300):
+    """Node "a" (one process) and node "b" (two) as two torchrun agents; args_of(node) -> that node's arguments,
+    their output in logs/node-a.log and node-b.log (files: a full pipe would stall the ranks). Distinct --local-addr
+    values make the layout certain: c10d numbers nodes in the sorted order of their addresses, so "a" (127.0.0.1)
+    is node 0 and holds rank 0."""
     port, agents = free_port(), {}
     for node, nproc, addr in [("a", 1, "127.0.0.1"), ("b", 2, "localhost")]:
         env = dict(os.environ, NODE=node, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={nproc}",
                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test-nodes",
                f"--local-addr={addr}", str(script), *map(str, args_of(node))]
-        agents[node] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True)
+        with open(logs / f"node-{node}.log", "w") as log:
+            agents[node] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while any(a.poll() is None for a in agents.values()):
@@ -75,10 +82,10 @@ def two_nodes(script, args_of, timeout=300):
         for agent in agents.values():
             if agent.poll() is None:
                 os.killpg(agent.pid, signal.SIGKILL)  # its ranks too, not only the agent
-    outputs = {node: agent.communicate()[0] for node, agent in agents.items()}
+                agent.wait()
     for node, agent in agents.items():
         assert agent.returncode == 0, f"node {node}: exit code {agent.returncode}\n" + "\n".join(
-            f"--- node {n}:\n{out[-3000:]}" for n, out in outputs.items())
+            f"--- node {n}:\n{(logs / f'node-{n}.log').read_text()[-3000:]}" for n in agents)
 
 
 def stage1_on_two_nodes(tiny_dir, root, index_dir_of, *extra):
@@ -91,7 +98,7 @@ def stage1_on_two_nodes(tiny_dir, root, index_dir_of, *extra):
     script.write_text(COUNTED.format(root=str(ROOT), log=str(builds)))
     out = root / "out"
     two_nodes(script, lambda node: flags(tiny_dir, str(shared), out, *ARGS, "--grad-accum", 1,
-                                         "--index-dir", index_dir_of(node), *extra))
+                                         "--index-dir", index_dir_of(node), *extra), root)
     return shared, out, [(line.split(" ", 3) + [""])[:4] for line in builds.read_text().splitlines()]
 
 
@@ -135,9 +142,27 @@ def test_two_nodes_equal_one_process_with_the_same_global_batch(run, tiny_dir, t
         assert not torch.equal(weight, start[name])  # the comparison is between trained projectors
 
 
-def test_nodes_that_share_the_index_folder_build_each_index_once_in_all(tiny_dir, tmp_path):
-    """As when the corpus is on shared storage that can be written: rank 0 builds, every other rank reads."""
-    shared, _, events = stage1_on_two_nodes(tiny_dir, tmp_path, lambda node: tmp_path / "index", "--max-steps", 1)
-    builds = [(node, int(rank), path) for node, rank, what, path in events if what == "build"]
-    assert sorted(builds) == sorted(("a", 0, str(D.index_path(f, tmp_path / "index")))
-                                    for f in D.corpus_files([shared]))
+@pytest.mark.parametrize("shared", [False, True], ids=["index folder per node", "one shared index folder"])
+def test_load_corpus_builds_each_index_once_per_folder(shared, tmp_path, monkeypatch):
+    """load_corpus's turns for two nodes of two ranks, the ranks as threads. Shared: as a corpus on shared storage
+    that can be written (rank 0 builds, every other rank reads, also the first rank of the other node)."""
+    corpus = write_corpus(tmp_path / "data", ALIGN[:2])
+    barrier, builds, real = threading.Barrier(4), [], D.build_index
+    monkeypatch.setattr(align.dist, "barrier", lambda: barrier.wait(timeout=60))
+
+    def build_index(corpus_file, index_file):
+        builds.append(str(index_file))
+        time.sleep(0.2)  # a rank that reached the index while another builds it would build it too
+        real(corpus_file, index_file)
+
+    monkeypatch.setattr(D, "build_index", build_index)
+
+    def rank(r: int) -> int:
+        folder = tmp_path / ("index" if shared else f"index-{r // 2}")
+        env = SimpleNamespace(rank=r, local_rank=r % 2, master=r == 0, distributed=True)
+        return len(align.load_corpus(align.Config(data=[corpus], index_dir=str(folder)), env))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(rank, range(4))) == [2] * 4
+    folders = ["index"] if shared else ["index-0", "index-1"]
+    assert sorted(builds) == [str(D.index_path(Path(corpus), tmp_path / f)) for f in folders]
