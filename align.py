@@ -110,6 +110,9 @@ class Config:
     compat_chunks: bool = knob(False, "cut long audio as the reference does (480,001-sample slices, one sample "
                                "lost per full chunk)")
     workers: int = knob(4, "DataLoader worker processes per device")
+    index_dir: str = knob("", "folder for the corpus indexes, as data.py's --cache-dir (default: beside each corpus "
+                          "file where that folder is writable, else the cache folder); corpus on read-only shared "
+                          "storage: a folder on each node's local disk")
     fsdp: bool = knob(False, "shard the LLM per decoder layer with FSDP2 (stage 2 on small GPUs) instead of plain "
                       "DDP")
     peak_tflops: float = knob(0.0, "per-GPU peak bf16 TFLOP/s for the MFU column; 0 = guess from the GPU name")
@@ -409,15 +412,20 @@ def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
 
 
 def load_corpus(cfg: Config, env: Env) -> D.Corpus:
-    """Rank 0 indexes the corpus first; the others then reuse its index. A file that is not a JSON list of
-    records, nor JSONL, ends the run with one line naming file, record and byte."""
-    if env.distributed and not env.master:
+    """Each index is built once where it is kept, while the other ranks wait: rank 0 first; then the first rank of
+    every other node, which finds rank 0's index if the nodes share where it is kept (the corpus's folder on shared
+    storage) and builds its node's own if not (--index-dir on local disk); then every other rank reads its node's.
+    A file that is not a JSON list of records, nor JSONL, ends the run with one line naming file, record and byte."""
+    # Every rank passes two barriers: rank 0 opens the corpus before the first, the first rank of each other node
+    # between them, every other rank after the second.
+    turn = 0 if env.master else 1 if env.local_rank == 0 else 2
+    for _ in range(turn if env.distributed else 0):
         dist.barrier()
     try:
-        corpus = D.Corpus(cfg.data)
+        corpus = D.Corpus(cfg.data, cache_dir=cfg.index_dir or None)
     except D.CorpusError as error:
         raise SystemExit(f"error: {error}") from None
-    if env.distributed and env.master:
+    for _ in range(2 - turn if env.distributed else 0):
         dist.barrier()
     return corpus
 
@@ -470,7 +478,7 @@ def stand_in_batch(model: M.LLaSO) -> dict:
 # every fact run_settings adds must be what the checkpoint recorded. grad_accum may trade against the number of
 # ranks (the same micro-batches, more or fewer per rank): global_batch and batch_size must match.
 MAY_CHANGE = {"workers", "save_every", "keep", "stop_after", "resume", "overwrite", "strict", "peak_tflops", "out",
-              "grad_accum", "report_to"}
+              "grad_accum", "report_to", "index_dir"}
 
 
 def run_settings(cfg: Config, corpus: D.Corpus, plan: Plan, env: Env) -> dict:

@@ -5,8 +5,10 @@
     python bench.py index access       # a selection: index, access, preflight, loader, eval
     python bench.py eval --threads 1   # evaluation: batch 1 vs 16 (CPU, and CUDA if present)
     python bench.py tokens             # --stack 5 / --trim-audio: LLM positions and stage-2 step time
+    python bench.py gpu                # stage 1, stage 2, evaluation on one GPU (llaso-random; tiny on CPU)
 
 Evaluation target: batch 16 >= 3x the records/s of batch 1 with identical answers (tiny preset, 128 new tokens).
+GPU target: `bench.py gpu` (stage 1, stage 2, evaluation of llaso-random) within 8 minutes on one H100/H200.
 Data targets (on the 1M-record file): index build <= 150 MB peak RSS, random access <= 1 ms. The index is built once
 per corpus file and cached, so its speed is reported but has no target.
 Timings and peak RSS of the index build, json.load and the preflight come from separate processes (os.wait4
@@ -174,6 +176,24 @@ def bench_loader(args):
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
+def timed_generation(llaso, dataset, order: list, batch_size: int, workers: int, tokens: int) -> tuple[list, float]:
+    """The answers (token ids) to the records `order` in batches of `batch_size`, and records/s; the first batch's
+    loading (worker start-up) is not counted."""
+    import torch
+
+    import data
+
+    loader = iter(data.make_loader(dataset, [order[b : b + batch_size] for b in range(0, len(order), batch_size)],
+                                   workers))
+    batch, out, t = next(loader), [], time.perf_counter()
+    while batch is not None:
+        out += llaso.generate_ids(batch, tokens)
+        batch = next(loader, None)
+    if llaso.projector[0].weight.is_cuda:
+        torch.cuda.synchronize()
+    return out, len(order) / (time.perf_counter() - t)
+
+
 def bench_eval(args):
     """Records/s of LLaSO-Eval generation (log-mels in a worker, encoder, prefill, greedy loop) at batch 1 and
     batched, tiny preset with large random LLM weights, on the sample eval set; the answers must be identical.
@@ -207,16 +227,9 @@ def bench_eval(args):
         answers, rates = {}, {1: [], args.eval_batch: []}
         for _ in range(args.eval_repeats):  # alternating, so a slow spell of a shared machine hits both sides
             for batch_size in rates:
-                loader = iter(data.make_loader(dataset, [order[b: b + batch_size] for b in
-                                                         range(0, len(order), batch_size)], args.eval_workers))
-                batch, out, t = next(loader), [], time.perf_counter()
-                while batch is not None:
-                    out += llaso.generate_ids(batch, args.eval_tokens)
-                    batch = next(loader, None)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                answers[batch_size] = out
-                rates[batch_size].append(len(order) / (time.perf_counter() - t))
+                answers[batch_size], rate = timed_generation(llaso, dataset, order, batch_size, args.eval_workers,
+                                                             args.eval_tokens)
+                rates[batch_size].append(rate)
         for batch_size, runs in rates.items():
             print(f"eval {device}, batch {batch_size:>2}: {statistics.median(runs):6.2f} records/s median of "
                   f"{', '.join(f'{r:.2f}' for r in runs)} ({sum(map(len, answers[batch_size])) / len(order):.0f} "
@@ -303,8 +316,145 @@ def bench_tokens(args):
               f"(÷{base_flops / flops:.1f}) |")
 
 
+# ---------------------------------------------------------------------------------------------------- GPU
+
+# Micro-batches per optimizer step in the gpu bench: the optimizer's share of a step shows, and 6 steps per stage fit
+# the 8-minute budget (the recipe's 32 repeat the same micro-step).
+GPU_ACCUM = 4
+GPU_BUDGET_S = 480  # the whole gpu bench on one H100/H200, the preset's first-use writing included
+
+
+def start_phase():
+    """Free what the last phase left, and restart the peak-memory count."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    """torch.cuda.max_memory_allocated since the phase started (None on CPU)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def timed_stage(main, argv: list, out: Path) -> dict:
+    """One stage through align.py's training loop on the sample corpus, then the medians of its log.jsonl lines
+    after the first (warm-up: CUDA kernels, allocator, loader start-up). Its checkpoints are not written: for stage 2
+    they would gather and write the LLM's fp32 weights and AdamW state (~39 GB for the 3B model), which is not what
+    this bench measures and more than a benchmark machine's disk may hold. The final model is written."""
+    import align
+
+    start_phase()
+    save_checkpoint, align.save_checkpoint = align.save_checkpoint, lambda *args, **kwargs: None
+    try:
+        main(argv)
+    finally:
+        align.save_checkpoint = save_checkpoint
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][1:]
+
+    def median(key):
+        values = [r[key] for r in steps if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return {"steps_timed": len(steps), "step_s": median("step_s"), "tokens_per_s": median("tokens_per_s"),
+            "mfu": median("mfu"), "peak_gib": peak_gib()}
+
+
+def bench_gpu(args):
+    """Stage-1 and stage-2 steps and evaluation of one model on one device (a GPU if there is one): step time, LLM
+    tokens/s, MFU and peak GPU memory per phase; evaluation records/s at batch 1 vs --eval-batch, with the answers
+    compared. Stages run align.py's loop (align.main / instruct.main) on the sample corpus, evaluation runs
+    evaluate.load_model + generate_ids on the stage-2 model. Prints a table and writes --gpu-json."""
+    import torch
+
+    import align
+    import data
+    import evaluate
+    import instruct
+    import model
+
+    cuda = torch.cuda.is_available()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    preset = args.preset or ("llaso-random" if cuda else "tiny")
+    config = model.preset(preset)  # llaso-random: 7.7 GB of weights written to the cache on first use
+    preset_s = time.perf_counter() - t0
+    work = Path(args.workdir)
+    common = ["--encoder", config.encoder, "--llm", config.llm, "--audio-root", str(SAMPLE / "audio"),
+              "--grad-accum", str(GPU_ACCUM), "--max-steps", str(args.gpu_steps), "--warmup-ratio", "0",
+              "--workers", str(4 if cuda else 0), "--index-dir", str(work / "index"), "--overwrite"]
+    stage1 = timed_stage(align.main, common + [
+        "--data", str(SAMPLE / "LLaSO-Align/text_audio/ASR_stage1_train.json"), "--batch-size", "2",
+        "--out", str(work / "stage1")], work / "stage1")
+    stage2 = timed_stage(instruct.main, common + [
+        "--data", str(SAMPLE / "LLaSO-Instruct/merged/stage2_train.json"), "--batch-size", "1",
+        "--projector", str(work / "stage1"), "--out", str(work / "stage2")], work / "stage2")
+
+    start_phase()
+    llaso = evaluate.load_model(work / "stage2", device="cuda" if cuda else "cpu")  # bf16 on CUDA, fp32 on CPU
+    corpus = data.Corpus(sorted((SAMPLE / "LLaSO-Eval").rglob("*_test.json")), cache_dir=work / "index")
+    dataset = data.LLaSODataset(corpus, llaso.tokenizer, llaso.features, SAMPLE / "audio", eval_mode=True)
+    n = args.gpu_records
+    order = [i * len(corpus) // n % len(corpus) for i in range(n)]  # spread over the test files
+    timed_generation(llaso, dataset, order[:1], 1, 0, 2)  # warm-up, not counted
+    evaluation, answers = {"records": n, "new_tokens": args.gpu_tokens}, {}
+    for batch_size in (1, args.eval_batch):
+        start_phase()
+        answers[batch_size], rate = timed_generation(llaso, dataset, order, batch_size, args.eval_workers,
+                                                     args.gpu_tokens)
+        evaluation[f"batch_{batch_size}"] = {"records_per_s": rate, "peak_gib": peak_gib()}
+    evaluation["identical"] = sum(a == b for a, b in zip(answers[1], answers[args.eval_batch]))
+    evaluation["new_tokens_per_record"] = sum(map(len, answers[1])) / n
+
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "preset": preset, "torch": torch.__version__,
+              "grad_accum": GPU_ACCUM, "steps": args.gpu_steps, "stage1": dict(micro_batch=2, **stage1),
+              "stage2": dict(micro_batch=1, activation_checkpointing=True, **stage2), "eval": evaluation,
+              "preset_s": preset_s, "wall_s": time.perf_counter() - t0}
+    print_gpu_table(result, args.eval_batch)
+    path = Path(args.gpu_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def print_gpu_table(result: dict, eval_batch: int):
+    def number(value, fmt, unit=""):
+        return "–" if value is None else format(value, fmt) + unit
+
+    evaluation = result["eval"]
+    print(f"{result['device']}, preset {result['preset']}: {result['steps']} steps per stage of {result['grad_accum']} "
+          f"micro-batches (medians of the last {result['stage1']['steps_timed']}), evaluation of "
+          f"{evaluation['records']} records x {evaluation['new_tokens']} new tokens max")
+    print("| phase | step | LLM tokens/s | MFU | peak GPU memory |")
+    print("|---|---:|---:|---:|---:|")
+    for name, what in [("stage1", "stage 1, micro-batch 2"), ("stage2", "stage 2, micro-batch 1, act. checkpointing")]:
+        r = result[name]
+        print(f"| {what} | {r['step_s']:.3f} s | {r['tokens_per_s']:,.0f} | {number(r['mfu'], '.1%')} | "
+              f"{number(r['peak_gib'], '.1f', ' GiB')} |")
+    for batch_size in (1, eval_batch):
+        r = evaluation[f"batch_{batch_size}"]
+        print(f"| evaluation, batch {batch_size} | {r['records_per_s']:.2f} records/s | | | "
+              f"{number(r['peak_gib'], '.1f', ' GiB')} |")
+    ratio = evaluation[f"batch_{eval_batch}"]["records_per_s"] / evaluation["batch_1"]["records_per_s"]
+    print(f"evaluation: batch {eval_batch} is {ratio:.2f}x batch 1; {evaluation['identical']} of "
+          f"{evaluation['records']} answers identical ({evaluation['new_tokens_per_record']:.0f} new tokens per "
+          f"record)")
+    over = result["wall_s"] > GPU_BUDGET_S and result["device"] != "cpu"
+    print(f"wall time {result['wall_s']:.0f} s (preset ready after {result['preset_s']:.0f} s)"
+          + (f": OVER the {GPU_BUDGET_S} s budget" if over else ""))
+
+
 BENCHMARKS = {"index": bench_index, "access": bench_access, "preflight": bench_preflight, "loader": bench_loader,
-              "eval": bench_eval, "tokens": bench_tokens}
+              "eval": bench_eval, "tokens": bench_tokens, "gpu": bench_gpu}
 
 
 def main(argv=None):
@@ -326,6 +476,16 @@ def main(argv=None):
                         "bench (default 16, --quick 4)")
     parser.add_argument("--token-repeats", type=int, help="alternating timed runs in the tokens bench (default 3, "
                         "--quick 1)")
+    parser.add_argument("--preset", choices=["tiny", "llaso-random"], help="models of the gpu bench (default: "
+                        "llaso-random on CUDA, tiny on CPU)")
+    parser.add_argument("--gpu-steps", type=int, help="optimizer steps per stage in the gpu bench, the first not "
+                        "timed (default 6, --quick 3)")
+    parser.add_argument("--gpu-records", type=int, help="records generated per batch size in the gpu bench "
+                        "(default 16, --quick 4)")
+    parser.add_argument("--gpu-tokens", type=int, help="max new tokens per record in the gpu bench (default 128, "
+                        "--quick 16)")
+    parser.add_argument("--gpu-json", default=str(ROOT / "out" / "bench-gpu.json"), help="where the gpu bench "
+                        "writes its results")
     parser.add_argument("--skip-json-load", action="store_true", help="skip the json.load comparison (~3 GB RAM)")
     parser.add_argument("--workdir", help="where the generated corpus and indexes go (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -339,6 +499,9 @@ def main(argv=None):
     args.eval_repeats = args.eval_repeats or (1 if args.quick else 3)
     args.token_steps = args.token_steps or (4 if args.quick else 16)
     args.token_repeats = args.token_repeats or (1 if args.quick else 3)
+    args.gpu_steps = args.gpu_steps or (3 if args.quick else 6)
+    args.gpu_records = args.gpu_records or (4 if args.quick else 16)
+    args.gpu_tokens = args.gpu_tokens or (16 if args.quick else 128)
     with tempfile.TemporaryDirectory(prefix="llaso-bench-") as tmp:
         args.workdir = args.workdir or tmp
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
