@@ -286,6 +286,13 @@ def test_fsdp_reduce_scatters_every_micro_batch_so_no_unsharded_gradient_accumul
     assert computed_in == {torch.bfloat16} and {p.dtype for p in params} == {torch.float32}
 
 
+def save(tensors: dict) -> bytes:
+    """The bytes of a safetensors file of these tensors."""
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
 def test_saves_gather_only_the_trainable_weights_and_write_the_same_bytes(one_rank, tiny_dir, tmp_path,
                                                                           monkeypatch):
     cfg, model, wrapped, params, optimizer = fsdp_run(tiny_dir, tmp_path, align.STAGE1, one_rank, grad_accum=1)
@@ -314,12 +321,6 @@ def test_saves_gather_only_the_trainable_weights_and_write_the_same_bytes(one_ra
     assert ckpt.read_bytes() == save(before)  # byte for byte what gathering the whole model wrote
     assert (tmp_path / "projector.safetensors").read_bytes() == save({k.removeprefix("projector."): v
                                                                       for k, v in before.items()})
-
-
-def save(tensors: dict) -> bytes:
-    from safetensors.torch import save
-
-    return save(tensors)
 
 
 def test_without_fsdp_the_saved_weights_are_those_of_the_whole_state(make_tiny):
