@@ -33,6 +33,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -48,8 +49,9 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -64,7 +66,7 @@ SAMPLE = ROOT / "sample"
 # 0.15 %, cosine, one epoch, AdamW without weight decay). Every field with a help text is a command-line flag.
 
 
-def knob(default, help: str, stage: int = 1, choices=None):
+def knob(default, help: str, stage: int = 1, choices: tuple | None = None):
     """A Config field that is a command-line flag: default and help in one place (stage=2: instruct.py only)."""
     metadata = {"help": help, "stage": stage, "choices": choices}
     if isinstance(default, list):
@@ -116,6 +118,11 @@ class Config:
     fsdp: bool = knob(False, "shard the LLM per decoder layer with FSDP2 (stage 2 on small GPUs) instead of plain "
                       "DDP")
     peak_tflops: float = knob(0.0, "per-GPU peak bf16 TFLOP/s for the MFU column; 0 = guess from the GPU name")
+    precision: str = knob("", "bf16: frozen parts in bf16, trainable weights and AdamW state in fp32, compute under "
+                          "bf16 autocast (with --fsdp: bf16 gathers, fp32 gradient reduction); fp32: all fp32. "
+                          "Default: bf16 on CUDA, fp32 on CPU", choices=("bf16", "fp32"))
+    tf32: bool = knob(False, "TF32 for fp32 matmuls on CUDA (default off, as the reference's scripts state with "
+                      "--tf32 False; its train.py turns matmul TF32 back on afterwards, which --tf32 reproduces)")
     # [tokens] fewer audio tokens and the unfrozen encoder: not LLaSO, off by default (README "Fewer audio tokens")
     stack: int = knob(None, "concatenate K consecutive encoder frames per LLM position: 1500/K positions per 30 s "
                       "chunk, projector input 1280 x K (default: the --projector/--init model's, else 1 = LLaSO)")
@@ -149,12 +156,13 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
         if "help" not in f.metadata or f.metadata["stage"] > stage:
             continue
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=help)
+        if f.type is bool:  # an option on by default also gets its --no-... flag
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            parser.add_argument(flag, action=action, default=None, help=help)
         elif f.type is list:
             parser.add_argument(flag, nargs="+", help=help)
         else:
-            parser.add_argument(flag, type=f.type, choices=f.metadata["choices"], help=help)
+            parser.add_argument(flag, type=f.type, help=help, choices=f.metadata["choices"])
     args = vars(parser.parse_args(argv))  # None = not given
     cfg = config_class()
     if args.pop("preset") == "tiny":
@@ -246,36 +254,69 @@ def llm_positions(model: M.LLaSO, batch) -> list[int]:
     return lengths
 
 
+def matmul_weights(module: torch.nn.Module) -> int:
+    """Weights of the module's linear layers: each does one multiply-add per weight and position."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
 def batch_flops(model: M.LLaSO, batch, train_llm: bool) -> float:
-    """Model FLOPs of one micro-batch (2 per multiply-add; attention as QK^T + AV without the causal half;
-    no activation recompute). Frozen encoder: forward only ([tokens] --train-encoder: forward + backward). LLM:
-    forward + backward to its input (stage 1) or forward + full backward (stage 2). LM head only at supervised
-    positions, as LLaSO.forward computes it."""
+    """Model FLOPs of one micro-batch: 2 per multiply-add of every matmul (weights x positions; attention's QK^T
+    and AV over the whole T x T square, as PaLM counts them), no activation recompute, no padding.
+
+    A part costs its forward F, plus F for the gradient of its input when a part before it trains, plus F for the
+    gradient of its weights when they train; attention's backward (dQ, dK, dV) is 2F wherever a gradient passes.
+    Stage 1: the frozen LLM still passes the gradient down to the projector, so its linear layers cost 2F and its
+    attention 3F; the projector's first layer needs no input gradient (the frozen encoder's output). Stage 2 (and
+    [tokens] --train-encoder) trains what follows: 3F. The LM head runs at supervised positions only, as
+    LLaSO.forward computes it."""
     enc, llm = model.encoder.config, model.llm.config
-    n_enc = sum(p.numel() for p in model.encoder.parameters())
-    n_proj = sum(p.numel() for p in model.projector.parameters())
-    n_llm = sum(p.numel() for p in model.llm.model.layers.parameters())
-    head = llm.vocab_size * llm.hidden_size
-    # [tokens] encoder positions per chunk (1500, or a trimmed chunk's own) and LLM positions after stacking
-    encoded = [(f + 1) // 2 for f in model.real_frames(batch) or [M.MEL_FRAMES_PER_CHUNK] * len(batch["mels"])]
-    projected = sum(model.chunk_positions(batch))
+    train_encoder = model.encoder.conv1.weight.requires_grad  # [tokens] --train-encoder
+
+    def cost(forward: float, trains: bool, input_grad: bool) -> float:
+        return forward * (1 + trains + input_grad)
+
+    def attention(forward: float, gradient_passes: bool) -> float:
+        return forward * (3 if gradient_passes else 1)
+
+    # [tokens] log-mel frames and encoder positions per chunk (3000 and 1500, or a trimmed chunk's own)
+    frames = model.real_frames(batch) or [M.MEL_FRAMES_PER_CHUNK] * len(batch["mels"])
+    encoded = [(f + 1) // 2 for f in frames]  # conv2 has stride 2
+    encoder = (cost(2 * model.encoder.conv1.weight.numel() * sum(frames), train_encoder, False)
+               + cost(2 * model.encoder.conv2.weight.numel() * sum(encoded), train_encoder, train_encoder)
+               + cost(2 * matmul_weights(model.encoder.layers) * sum(encoded), train_encoder, train_encoder)
+               + attention(4 * enc.encoder_layers * enc.d_model * sum(t * t for t in encoded), train_encoder))
+    projected = sum(model.chunk_positions(batch))  # [tokens] fewer with --stack / --trim-audio
+    first, second = model.projector[0].weight.numel(), model.projector[2].weight.numel()
+    projector = cost(2 * first * projected, True, train_encoder) + cost(2 * second * projected, True, True)
     lengths = llm_positions(model, batch)
     supervised = sum(int((labels != M.IGNORE).sum()) for labels in batch["labels"])
-    encoder = 2 * n_enc * sum(encoded) + 4 * enc.encoder_layers * enc.d_model * sum(t * t for t in encoded)
-    encoder_passes = 3 if model.encoder.conv1.weight.requires_grad else 1  # [tokens] --train-encoder
-    passes = 3 if train_llm else 2
-    decoder = 2 * n_llm * sum(lengths) + 4 * llm.num_hidden_layers * llm.hidden_size * sum(t * t for t in lengths)
-    return encoder_passes * encoder + 3 * 2 * n_proj * projected + passes * (decoder + 2 * head * supervised)
+    attention_width = llm.num_attention_heads * (getattr(llm, "head_dim", None)
+                                                 or llm.hidden_size // llm.num_attention_heads)
+    decoder = (cost(2 * matmul_weights(model.llm.model.layers) * sum(lengths), train_llm, True)
+               + attention(4 * llm.num_hidden_layers * attention_width * sum(t * t for t in lengths), True)
+               + cost(2 * model.llm.get_output_embeddings().weight.numel() * supervised, train_llm, True))
+    return encoder + projector + decoder
 
 
-PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312, "L40S": 362}  # dense bf16
+# Dense bf16 tensor-core TFLOP/s by torch.cuda.get_device_name() (e.g. "NVIDIA H100 80GB HBM3" is the SXM card,
+# "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA A100-SXM4-80GB"): (model, variant or "" for any other, TFLOP/s),
+# the first match wins.
+PEAK_TFLOPS = [("H100", "PCIE", 756), ("H100", "NVL", 835), ("H100", "", 989), ("H200", "NVL", 835),
+               ("H200", "", 989), ("GH200", "", 989), ("H800", "PCIE", 756), ("H800", "", 989), ("A100", "", 312),
+               ("A800", "", 312), ("L40S", "", 362)]
+
+
+def gpu_peak_tflops(name: str) -> float:
+    """The GPU's dense bf16 peak from its name; 0 if unknown (then no MFU column, or give --peak-tflops)."""
+    words = re.split(r"[\s_-]+", name.upper())
+    matches = (tflops for model, variant, tflops in PEAK_TFLOPS if model in words and (not variant or variant in words))
+    return float(next(matches, 0))
 
 
 def peak_flops(cfg: Config) -> float:
     if cfg.peak_tflops:
         return cfg.peak_tflops * 1e12
-    name = torch.cuda.get_device_name()
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
+    return gpu_peak_tflops(torch.cuda.get_device_name()) * 1e12
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,25 +331,42 @@ class Env:
     world: int
     distributed: bool
     device: torch.device
-    precision: str  # "bf16": frozen weights bf16, trainable fp32 under bf16 autocast, TF32 on; "fp32": all fp32
+    # "bf16": frozen weights in bf16; trainable weights (and so AdamW's state) fp32, computed in bf16 under autocast;
+    # the same on CPU, so tests run the GPU's policy. "fp32": everything fp32.
+    precision: str
 
     master = property(lambda self: self.rank == 0)
     cuda = property(lambda self: self.device.type == "cuda")
     frozen_dtype = property(lambda self: torch.bfloat16 if self.precision == "bf16" else torch.float32)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
 
-def set_up() -> Env:
+def set_tf32(on: bool):
+    """Off by default: the reference's scripts pass --tf32 False (HF applies it to matmuls and cuDNN). Its train.py
+    then sets matmul allow_tf32 = True anyway; --tf32 reproduces that. Only CUDA reads these flags, and under bf16
+    autocast few fp32 matmuls remain; with --precision fp32 on a GPU this is the difference that matters."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def set_up(precision: str = "", tf32: bool = False) -> Env:
+    """torchrun's environment variables (or one plain process), the device, the precision ("" = bf16 on CUDA,
+    fp32 on CPU) and TF32."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("LOCAL_RANK", 0),
                                                                         ("WORLD_SIZE", 1)])
     cuda = torch.cuda.is_available()
+    precision = precision or ("bf16" if cuda else "fp32")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise SystemExit(f"{torch.cuda.get_device_name()} has no bf16: pass --precision fp32")
     env = Env(rank, local_rank, world, distributed="RANK" in os.environ,
-              device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"), precision="bf16" if cuda else "fp32")
+              device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"), precision=precision)
+    set_tf32(tf32)
     if cuda:
         torch.cuda.set_device(env.device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the reference
     if env.distributed:  # generous timeout: rank 0 may index a 12M-record corpus while the others wait
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
     return env
@@ -376,10 +434,16 @@ def trainable_encoder(model: M.LLaSO) -> list:  # [tokens] --train-encoder
     return [model.encoder.conv1, model.encoder.conv2, model.encoder.layers, model.encoder.layer_norm]
 
 
-def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
-    torch.manual_seed(cfg.seed)  # the fresh projector is the same on every rank
+def part_dtypes(cfg: Config, stage: Stage, env: Env) -> tuple[torch.dtype, torch.dtype]:
+    """(encoder, LLM) dtypes: fp32 where the part trains (master weights), the precision's frozen dtype elsewhere."""
     llm_dtype = torch.float32 if stage.number == 2 else env.frozen_dtype
     encoder_dtype = torch.float32 if cfg.train_encoder else env.frozen_dtype  # [tokens] trained: fp32 master weights
+    return encoder_dtype, llm_dtype
+
+
+def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
+    torch.manual_seed(cfg.seed)  # the fresh projector is the same on every rank
+    encoder_dtype, llm_dtype = part_dtypes(cfg, stage, env)
     if cfg.init:
         model = M.LLaSO.load(cfg.init, encoder=cfg.encoder or None, encoder_dtype=encoder_dtype,
                              llm_dtype=llm_dtype)
@@ -401,7 +465,9 @@ def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
         model.llm.activation_checkpointing_enable({"use_reentrant": False})
         if cfg.train_encoder:  # [tokens]
             model.encoder.activation_checkpointing_enable({"use_reentrant": False})
-    model.to(env.device).train()
+    if not cfg.fsdp:  # FSDP shards the model where it was loaded, then moves the shards (wrap): no GPU holds it all
+        model.to(env.device)
+    model.train()
     if not cfg.train_encoder:  # [tokens]
         model.encoder.eval()  # frozen: no dropout, no layer-drop draws from the RNG
     return model
@@ -534,7 +600,7 @@ def set_rng_states(states: dict):
 
 def restore_model(model: M.LLaSO, names: list[str], ckpt: Path, state: dict, env: Env):
     """Trainable weights and, on as many ranks as before, this rank's RNG states."""
-    weights = load_file(ckpt / "trainable.safetensors", device=str(env.device))
+    weights = load_file(ckpt / "trainable.safetensors", device=str(next(model.parameters()).device))  # FSDP: CPU
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and not set(names) & set(missing), (unexpected, missing)
     if state["world"] == env.world:
@@ -556,8 +622,12 @@ def wrap(model: M.LLaSO, cfg: Config, env: Env):
     if cfg.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if env.cuda else None
-        kwargs = {"mp_policy": mp} if mp else {}
+        # bf16: each layer is gathered in bf16 for its forward and backward, gradients are reduce-scattered in fp32
+        # into the fp32 shards (the master weights); the same policy on CPU.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs = {"mp_policy": mp} if env.precision == "bf16" else {}
+        # The model is still on the CPU: fully_shard moves each unit to the device, shards it there and frees the
+        # whole copy before the next unit, so no GPU ever holds the whole LLM.
         for layer in model.llm.model.layers:
             fully_shard(layer, **kwargs)
         if cfg.train_encoder:  # [tokens] a trained encoder is sharded like the LLM, per layer
@@ -566,6 +636,8 @@ def wrap(model: M.LLaSO, cfg: Config, env: Env):
         # The root is LLaSO itself: its forward looks up the (sharded) token embeddings outside llm.forward.
         frozen = None if cfg.train_encoder else set(model.encoder.parameters())  # [tokens]
         fully_shard(model, ignored_params=frozen, **kwargs)
+        if frozen:
+            model.encoder.to(env.device)  # ignored by FSDP: replicated, and moved by us
         return model
     if env.distributed:
         return DDP(model, device_ids=[env.local_rank] if env.cuda else None, gradient_as_bucket_view=True)
@@ -607,7 +679,7 @@ def note_problems(batch: dict, stats: StepStats, skipped: list, rank: int):
 
 def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: list, cfg: Config, env: Env,
                flops_of: Callable | None) -> tuple[StepStats, float | None]:
-    """grad_accum micro-batches forward and backward (gradients sync on the last), then clipping and AdamW.
+    """grad_accum micro-batches forward and backward, then clipping and AdamW.
 
     The step's gradient is that of the mean loss over the usable micro-batches of all ranks. A step in which no
     rank had a usable record changes no weight and no optimizer state (and has no gradient norm)."""
@@ -622,10 +694,10 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
             batch, weight = stand_in_batch(model), 0.0
         # Every LLaSO record has audio, so the projector always gets a gradient (no find_unused_parameters).
         assert all((ids == M.AUDIO_ID).any() for ids in batch["input_ids"]), "a record without <audio>"
-        last = micro == cfg.grad_accum - 1
-        if cfg.fsdp:
-            wrapped.set_requires_gradient_sync(last)
-        with nullcontext() if last or not isinstance(wrapped, DDP) else wrapped.no_sync():
+        # DDP all-reduces once per step, on the last micro-batch. FSDP reduce-scatters every micro-batch: without
+        # that, each rank would accumulate a whole unsharded fp32 gradient of the LLM (12.9 GB) between syncs.
+        sync = micro == cfg.grad_accum - 1 or not isinstance(wrapped, DDP)
+        with nullcontext() if sync else wrapped.no_sync():
             with env.autocast():
                 loss = wrapped(batch)  # token mean of this micro-batch
             (loss * weight / cfg.grad_accum).backward()  # mean over micro-batches; DDP averages ranks
@@ -643,7 +715,7 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
         for p in params:
             p.grad.mul_(micro_total / stats.usable)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: the norm of the shards
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stats, norm.item()
@@ -778,12 +850,25 @@ def write_error(what: Path, error: Exception, intact: str) -> SystemExit:
                       "permissions), then rerun with --resume.")
 
 
-def save_checkpoint(cfg: Config, wrapped, optimizer, names, step: int, plan: Plan, skipped: list, settings: dict,
-                    env: Env):
+def trainable_weights(model: M.LLaSO, env: Env) -> dict:
+    """Collective: the trainable weights, whole, in rank 0's CPU memory (an empty dict on the other ranks). Only
+    these are gathered: stage 1's 13M-parameter projector, not the frozen LLM and encoder around it (7.7 GB in
+    bf16). Under FSDP every rank gathers each sharded parameter (full_tensor), in the same order."""
+    weights = {}
+    for name, p in model.named_parameters():  # a tied weight (the LM head) appears once
+        if p.requires_grad:
+            whole = p.full_tensor() if isinstance(p, DTensor) else p
+            if env.master:
+                weights[name] = whole.detach().cpu().contiguous()
+    return weights
+
+
+def save_checkpoint(cfg: Config, model: M.LLaSO, wrapped, optimizer, step: int, plan: Plan, skipped: list,
+                    settings: dict, env: Env):
     """Collective: every rank calls it. Rank 0 writes into a temporary folder and renames it into place, so a
     crash or a full disk mid-save leaves the previous checkpoint as it was."""
+    weights = trainable_weights(model, env)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (also under FSDP)
-    weights = {k: v.contiguous() for k, v in get_model_state_dict(wrapped, options=full).items() if k in names}
     optim = get_optimizer_state_dict(wrapped, optimizer, options=full)
     per_rank = gather((rng_states(), skipped), env)
     if env.master:
@@ -823,17 +908,21 @@ def publish(tmp: Path, out: Path):
     tmp.rmdir()
 
 
-def save_final(cfg: Config, stage: Stage, model: M.LLaSO, wrapped, names, env: Env):
+def save_final(cfg: Config, stage: Stage, model: M.LLaSO, env: Env):
     """Collective: the stage's model in --out, written like a checkpoint (into a temporary folder, then moved)."""
-    weights = {k: v for k, v in get_model_state_dict(wrapped, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True)).items() if k in names}
-    if not env.master:
-        return
-    if cfg.fsdp:  # FSDP keeps only shards: put the gathered weights into an ordinary copy on the CPU
+    if cfg.fsdp:  # FSDP keeps only shards: rank 0 puts the gathered trainable weights into a copy on the CPU
+        weights = trainable_weights(model, env)
+        if not env.master:
+            return
         own_encoder = model.own_encoder  # [tokens]
-        model = M.LLaSO.load(cfg.init, encoder=cfg.encoder or None) if cfg.init else M.LLaSO.from_parts(model.config)
+        encoder_dtype, llm_dtype = part_dtypes(cfg, stage, env)
+        model = (M.LLaSO.load(cfg.init, encoder=cfg.encoder or None, encoder_dtype=encoder_dtype,
+                              llm_dtype=llm_dtype) if cfg.init
+                 else M.LLaSO.from_parts(model.config, encoder_dtype=encoder_dtype, llm_dtype=llm_dtype))
         model.load_state_dict(weights, strict=False)
         model.own_encoder = own_encoder  # [tokens]
+    elif not env.master:
+        return
     out, tmp = Path(cfg.out), None
     try:
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-model-"))
@@ -858,7 +947,7 @@ def report_skipped(skipped: list, env: Env):
 
 
 def train(cfg: Config, stage: Stage):
-    env = set_up()
+    env = set_up(cfg.precision, cfg.tf32)
     out = prepare_out(cfg, env)
     corpus = load_corpus(cfg, env)
     plan = plan_steps(cfg, len(corpus), env)
@@ -900,11 +989,11 @@ def train(cfg: Config, stage: Stage):
             step += 1
             log.write(step_record(step, stats, lr, norm, time.time() - t0, peak))
             if step % cfg.save_every == 0 or step == plan.end:
-                save_checkpoint(cfg, wrapped, optimizer, names, step, plan, skipped, settings, env)
+                save_checkpoint(cfg, model, wrapped, optimizer, step, plan, skipped, settings, env)
     tracker.close()
 
     if step == plan.total:  # only when the schedule has run to its end
-        save_final(cfg, stage, model, wrapped, names, env)
+        save_final(cfg, stage, model, env)
     report_skipped(skipped, env)
     if env.distributed:
         # DDP's reducer holds the process group. Freed after destroy_process_group, it would tear the group down

@@ -13,7 +13,7 @@ decoded without special tokens and stripped), then score the results directory:
 name>: its records, in input order, with all their fields plus "answer" (JSON, indent 2, UTF-8). A record that
 cannot be evaluated (missing or unreadable audio, malformed record) is never dropped: it gets "answer": "" and an
 "error" naming file, record and reason; the scorer counts it as an empty answer and lists it in scores.md.
-bf16 on CUDA (as the reference), fp32 on CPU.
+bf16 on CUDA (as the reference), fp32 on CPU; --precision bf16/fp32 chooses (bf16 runs on a CPU too).
 
 Batching: LLaSO.generate left-pads with position ids that skip the pads, so a record's answer does not depend on
 its batch (tested in fp32; in bf16 a rare near-tie may flip a token: --batch-size 1 is the reference's protocol).
@@ -968,6 +968,13 @@ def default_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def precision_dtype(precision):
+    """--precision bf16 / fp32 as a torch dtype; None (not given): the device's default."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
+
+
 def load_model(ckpt, encoder=None, device="cpu", dtype=None):
     """The model in training's numerics: encoder and LLM loaded in `dtype` as training loads them (from_pretrained
     keeps RoPE's inv_freq in fp32), the fp32 projector cast to `dtype` (what training's autocast computes it in).
@@ -1248,6 +1255,8 @@ def main(argv=None):
     gen.add_argument("--compat-chunks", action="store_true", help="the reference's 480,001-sample chunk slicing "
                      "(drops one sample per full 30 s chunk); default: exact 30 s chunks")
     gen.add_argument("--workers", type=int, default=2, help="DataLoader workers reading audio and making log-mels")
+    gen.add_argument("--precision", choices=["bf16", "fp32"], help="the model's dtype, in training's numerics "
+                     "(RoPE's inv_freq stays fp32); default: bf16 on CUDA (as the reference evaluates), fp32 on CPU")
     gen.add_argument("--preset", choices=["tiny"], help="tiny: defaults --ckpt out/instruct, --data sample/LLaSO-Eval, "
                      "--audio-root sample/audio, --out out/eval")
     one = parser.add_argument_group("single-record inference (prints the answer)")
@@ -1303,9 +1312,10 @@ def main(argv=None):
     if not args.ckpt:
         parser.error("nothing to do: pass --ckpt DIR (generation or --audio/--prompt), --preset tiny, or --score DIR")
 
+    dtype = precision_dtype(args.precision)
     if args.audio or args.prompt is not None:
         _, _, device = distributed()
-        print(answer_one(load_model(args.ckpt, args.encoder, device), args.prompt, args.audio or [],
+        print(answer_one(load_model(args.ckpt, args.encoder, device, dtype), args.prompt, args.audio or [],
                          args.max_new_tokens))
         return
 
@@ -1315,7 +1325,7 @@ def main(argv=None):
     try:
         complete, total, _ = generate_files(args.ckpt, args.data, args.audio_root, args.out, args.encoder,
                                             args.batch_size, args.max_new_tokens, args.workers,
-                                            compat_chunks=args.compat_chunks)
+                                            compat_chunks=args.compat_chunks, dtype=dtype)
     except ValueError as error:
         sys.exit(f"error: {error}")
     if int(os.environ.get("RANK", 0)) != 0:
