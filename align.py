@@ -123,7 +123,7 @@ class Config:
                           "Default: bf16 on CUDA, fp32 on CPU", choices=("bf16", "fp32"))
     tf32: bool = knob(False, "TF32 for fp32 matmuls on CUDA (default off, as the reference's scripts state with "
                       "--tf32 False; its train.py turns matmul TF32 back on afterwards, which --tf32 reproduces)")
-    # [tokens] fewer audio tokens and the unfrozen encoder: not LLaSO, off by default (README "Fewer audio tokens")
+    # fewer audio tokens and the unfrozen encoder: not LLaSO, off by default (README "Fewer audio tokens")
     stack: int = knob(None, "concatenate K consecutive encoder frames per LLM position: 1500/K positions per 30 s "
                       "chunk, projector input 1280 x K (default: the --projector/--init model's, else 1 = LLaSO)")
     trim_audio: bool = knob(False, "encode each clip at its real length, not padded to 30 s: only real audio reaches "
@@ -225,7 +225,7 @@ def export_aligner(model: M.LLaSO, out: Path):
 
 def save_stage1(model: M.LLaSO, out: Path):
     model.save(out, with_llm=False)
-    if (model.config.stack, model.config.trim_audio) == (1, False):  # [tokens] the reference runs only LLaSO's
+    if (model.config.stack, model.config.trim_audio) == (1, False):  # the reference runs only LLaSO's
         export_aligner(model, out)
 
 
@@ -244,7 +244,7 @@ STAGE1 = Stage(
 
 def llm_positions(model: M.LLaSO, batch) -> list[int]:
     """Sequence length each record has in the LLM: text ids plus its audio chunks' positions (1500 per chunk in
-    LLaSO; [tokens] fewer with --stack / --trim-audio)."""
+    LLaSO; fewer with --stack / --trim-audio)."""
     chunks, per_chunk, k, c, lengths = batch["audio_chunks"].tolist(), model.chunk_positions(batch), 0, 0, []
     for ids in batch["input_ids"]:
         n = int((ids == M.AUDIO_ID).sum())
@@ -267,10 +267,10 @@ def batch_flops(model: M.LLaSO, batch, train_llm: bool) -> float:
     gradient of its weights when they train; attention's backward (dQ, dK, dV) is 2F wherever a gradient passes.
     Stage 1: the frozen LLM still passes the gradient down to the projector, so its linear layers cost 2F and its
     attention 3F; the projector's first layer needs no input gradient (the frozen encoder's output). Stage 2 (and
-    [tokens] --train-encoder) trains what follows: 3F. The LM head runs at supervised positions only, as
+    --train-encoder) trains what follows: 3F. The LM head runs at supervised positions only, as
     LLaSO.forward computes it."""
     enc, llm = model.encoder.config, model.llm.config
-    train_encoder = model.encoder.conv1.weight.requires_grad  # [tokens] --train-encoder
+    train_encoder = model.encoder.conv1.weight.requires_grad  # --train-encoder
 
     def cost(forward: float, trains: bool, input_grad: bool) -> float:
         return forward * (1 + trains + input_grad)
@@ -278,14 +278,14 @@ def batch_flops(model: M.LLaSO, batch, train_llm: bool) -> float:
     def attention(forward: float, gradient_passes: bool) -> float:
         return forward * (3 if gradient_passes else 1)
 
-    # [tokens] log-mel frames and encoder positions per chunk (3000 and 1500, or a trimmed chunk's own)
+    # log-mel frames and encoder positions per chunk (3000 and 1500, or a trimmed chunk's own)
     frames = model.real_frames(batch) or [M.MEL_FRAMES_PER_CHUNK] * len(batch["mels"])
     encoded = [(f + 1) // 2 for f in frames]  # conv2 has stride 2
     encoder = (cost(2 * model.encoder.conv1.weight.numel() * sum(frames), train_encoder, False)
                + cost(2 * model.encoder.conv2.weight.numel() * sum(encoded), train_encoder, train_encoder)
                + cost(2 * matmul_weights(model.encoder.layers) * sum(encoded), train_encoder, train_encoder)
                + attention(4 * enc.encoder_layers * enc.d_model * sum(t * t for t in encoded), train_encoder))
-    projected = sum(model.chunk_positions(batch))  # [tokens] fewer with --stack / --trim-audio
+    projected = sum(model.chunk_positions(batch))  # fewer with --stack / --trim-audio
     first, second = model.projector[0].weight.numel(), model.projector[2].weight.numel()
     projector = cost(2 * first * projected, True, train_encoder) + cost(2 * second * projected, True, True)
     lengths = llm_positions(model, batch)
@@ -414,7 +414,7 @@ def prepare_out(cfg: Config, env: Env) -> Path:
 # Model: frozen parts in bf16 on GPU, trainable ones in fp32 (master weights; autocast computes in bf16)
 
 
-def audio_options(cfg: Config) -> tuple[int, bool]:  # [tokens]
+def audio_options(cfg: Config) -> tuple[int, bool]:
     """--stack and --trim-audio. A stage-2 run takes them from the model it starts from (--init, or the stage-1
     artifact given as --projector): its projector was trained on those positions. A flag that asks otherwise is
     refused."""
@@ -429,7 +429,7 @@ def audio_options(cfg: Config) -> tuple[int, bool]:  # [tokens]
     return stack, trim
 
 
-def trainable_encoder(model: M.LLaSO) -> list:  # [tokens] --train-encoder
+def trainable_encoder(model: M.LLaSO) -> list:  # --train-encoder
     """The encoder's weights, all but the fixed sinusoidal position table (Whisper never trains it either)."""
     return [model.encoder.conv1, model.encoder.conv2, model.encoder.layers, model.encoder.layer_norm]
 
@@ -437,7 +437,7 @@ def trainable_encoder(model: M.LLaSO) -> list:  # [tokens] --train-encoder
 def part_dtypes(cfg: Config, stage: Stage, env: Env) -> tuple[torch.dtype, torch.dtype]:
     """(encoder, LLM) dtypes: fp32 where the part trains (master weights), the precision's frozen dtype elsewhere."""
     llm_dtype = torch.float32 if stage.number == 2 else env.frozen_dtype
-    encoder_dtype = torch.float32 if cfg.train_encoder else env.frozen_dtype  # [tokens] trained: fp32 master weights
+    encoder_dtype = torch.float32 if cfg.train_encoder else env.frozen_dtype  # trained: fp32 master weights
     return encoder_dtype, llm_dtype
 
 
@@ -451,24 +451,24 @@ def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
         projector = cfg.projector
         if projector and Path(projector).is_dir():
             projector = str(Path(projector) / "projector.safetensors")
-        try:  # [tokens] e.g. a projector file of another --stack: one clear line, not a traceback
+        try:  # e.g. a projector file of another --stack: one clear line, not a traceback
             model = M.LLaSO.from_parts(M.ModelConfig(encoder=cfg.encoder, llm=cfg.llm, stack=cfg.stack,
                                                      trim_audio=cfg.trim_audio), projector=projector or None,
                                        encoder_dtype=encoder_dtype, llm_dtype=llm_dtype)
         except ValueError as error:
             raise SystemExit(f"cannot build the model: {error}") from None
     model.requires_grad_(False)
-    for module in stage.trainable(model) + (trainable_encoder(model) if cfg.train_encoder else []):  # [tokens]
+    for module in stage.trainable(model) + (trainable_encoder(model) if cfg.train_encoder else []):
         module.requires_grad_(True)
-    model.own_encoder |= cfg.train_encoder  # [tokens] the artifact carries the trained encoder (encoder/)
+    model.own_encoder |= cfg.train_encoder  # the artifact carries the trained encoder (encoder/)
     if stage.checkpointing:
         model.llm.activation_checkpointing_enable({"use_reentrant": False})
-        if cfg.train_encoder:  # [tokens]
+        if cfg.train_encoder:
             model.encoder.activation_checkpointing_enable({"use_reentrant": False})
     if not cfg.fsdp:  # FSDP shards the model where it was loaded, then moves the shards (wrap): no GPU holds it all
         model.to(env.device)
     model.train()
-    if not cfg.train_encoder:  # [tokens]
+    if not cfg.train_encoder:
         model.encoder.eval()  # frozen: no dropout, no layer-drop draws from the RNG
     return model
 
@@ -533,7 +533,7 @@ def stand_in_batch(model: M.LLaSO) -> dict:
     ids, labels = M.tokenize(model.tokenizer, "Please transcribe the audio.<audio>", ".")
     return {"input_ids": [torch.tensor(ids)], "labels": [torch.tensor(labels)],
             "mels": torch.zeros(1, model.features.feature_size, 3000), "audio_chunks": torch.tensor([1]),
-            "audio_frames": torch.tensor([3000])}  # [tokens] for --trim-audio
+            "audio_frames": torch.tensor([3000])}  # for --trim-audio
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -630,11 +630,11 @@ def wrap(model: M.LLaSO, cfg: Config, env: Env):
         # whole copy before the next unit, so no GPU ever holds the whole LLM.
         for layer in model.llm.model.layers:
             fully_shard(layer, **kwargs)
-        if cfg.train_encoder:  # [tokens] a trained encoder is sharded like the LLM, per layer
+        if cfg.train_encoder:  # a trained encoder is sharded like the LLM, per layer
             for layer in model.encoder.layers:
                 fully_shard(layer, **kwargs)
         # The root is LLaSO itself: its forward looks up the (sharded) token embeddings outside llm.forward.
-        frozen = None if cfg.train_encoder else set(model.encoder.parameters())  # [tokens]
+        frozen = None if cfg.train_encoder else set(model.encoder.parameters())
         fully_shard(model, ignored_params=frozen, **kwargs)
         if frozen:
             model.encoder.to(env.device)  # ignored by FSDP: replicated, and moved by us
@@ -704,7 +704,7 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
         if weight:
             stats.loss_sum += loss.item()
             stats.usable += 1
-            stats.positions += sum(llm_positions(model, batch))  # [tokens] model: its positions per chunk
+            stats.positions += sum(llm_positions(model, batch))  # model: its positions per chunk
             stats.flops += flops_of(batch) if flops_of else 0.0
     stats = stats.summed_over_ranks(env)  # so every rank knows whether any rank had a usable record
     if stats.usable == 0:
@@ -914,13 +914,13 @@ def save_final(cfg: Config, stage: Stage, model: M.LLaSO, env: Env):
         weights = trainable_weights(model, env)
         if not env.master:
             return
-        own_encoder = model.own_encoder  # [tokens]
+        own_encoder = model.own_encoder
         encoder_dtype, llm_dtype = part_dtypes(cfg, stage, env)
         model = (M.LLaSO.load(cfg.init, encoder=cfg.encoder or None, encoder_dtype=encoder_dtype,
                               llm_dtype=llm_dtype) if cfg.init
                  else M.LLaSO.from_parts(model.config, encoder_dtype=encoder_dtype, llm_dtype=llm_dtype))
         model.load_state_dict(weights, strict=False)
-        model.own_encoder = own_encoder  # [tokens]
+        model.own_encoder = own_encoder
     elif not env.master:
         return
     out, tmp = Path(cfg.out), None
@@ -1005,7 +1005,7 @@ def train(cfg: Config, stage: Stage):
 
 
 def main(argv=None):
-    if "--train-encoder" in (sys.argv[1:] if argv is None else argv):  # [tokens]
+    if "--train-encoder" in (sys.argv[1:] if argv is None else argv):
         raise SystemExit("--train-encoder is a stage-2 option (instruct.py): stage 1 trains only the projector")
     return train(parse_config(argv, stage=1), STAGE1)
 
