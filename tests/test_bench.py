@@ -11,6 +11,8 @@ import align
 import bench
 import model as M
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: see conftest.one_thread
+
 
 @pytest.fixture
 def gpu_bench(tiny_config, tmp_path, monkeypatch):

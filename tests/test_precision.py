@@ -16,6 +16,8 @@ import evaluate as ev
 import instruct
 import model as M
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: see conftest.one_thread
+
 STAGE1 = ["--batch-size", 1, "--grad-accum", 2, "--max-steps", 2, "--save-every", 1, "--lr", 1e-2,
           "--warmup-ratio", 0, "--precision", "bf16"]
 STAGE2 = ["--batch-size", 1, "--max-steps", 1, "--lr", 1e-3, "--warmup-ratio", 0, "--save-every", 10,

@@ -22,6 +22,7 @@ import instruct
 import model as M
 
 ALIGN = json.loads((SAMPLE / "LLaSO-Align/text_audio/ASR_stage1_train.json").read_text())
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: see conftest.one_thread
 
 
 def write_corpus(folder, records):

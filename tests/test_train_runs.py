@@ -21,6 +21,8 @@ import data as D
 import instruct
 import model as M
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: see conftest.one_thread
+
 # 4 records, global batch 2 (micro-batch 1 x accumulation 2): 2 steps per epoch
 ARGS = ["--batch-size", 1, "--grad-accum", 2, "--epochs", 1, "--save-every", 1, "--keep", 5, "--lr", 1e-2,
         "--warmup-ratio", 0]
