@@ -1273,8 +1273,8 @@ def main(argv=None):
                        "(API key: $OPENAI_API_KEY, sent to this URL's host only)")
     score.add_argument("--judge-key", help=argparse.SUPPRESS)  # refused below: kept to explain why
     score.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (pin a dated version for reports)")
-    score.add_argument("--plot", metavar="FILE.png", help="with --score: a radar of every directory over the tasks "
-                       "and one bar panel per metric family (needs matplotlib)")
+    score.add_argument("--plot", metavar="FILE.png", help="after scoring (--score, or after generation): a radar of "
+                       "every directory over the tasks and one bar panel per metric family (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.judge_key is not None:
         parser.error("--judge-key: a key on the command line is visible to every user of this machine (ps, shell "
@@ -1287,16 +1287,15 @@ def main(argv=None):
         judge = {"url": args.judge_url, "key": key, "model": args.judge_model,
                  "temperature": 0.1 if args.compat == "llaso" else 0.0}  # 0.1 = reference setting
 
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked first: a missing package must not waste a run)
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install -r requirements-extras.txt (or pip install matplotlib)")
     if args.score:
         for d in args.score:
             if not Path(d).is_dir():
                 parser.error(f"--score: {d} is not a directory")
-        if args.plot:
-            try:
-                import matplotlib  # noqa: F401  (checked before scoring: a missing package must not waste a run)
-            except ImportError:
-                parser.error("--plot needs matplotlib: pip install -r requirements-extras.txt (or pip install "
-                             "matplotlib)")
         score_and_exit(args.score, args.compat, args.normalized, judge, args.plot)
         return
 
@@ -1332,7 +1331,7 @@ def main(argv=None):
         return
     if complete < total:
         sys.exit(f"{total - complete} test files are incomplete: run the same command again to finish them")
-    score_and_exit([args.out], args.compat, judge=judge)
+    score_and_exit([args.out], args.compat, judge=judge, plot=args.plot)
 
 
 def score_and_exit(dirs, compat, normalized=False, judge=None, plot=None):

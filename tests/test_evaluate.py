@@ -54,13 +54,14 @@ def full(ckpt, tmp_path_factory):
     """The whole sample eval set through the command line (batch 16), scored."""
     out = tmp_path_factory.mktemp("eval") / "results"
     ev.main(["--ckpt", str(ckpt), "--data", str(EVAL), "--audio-root", str(AUDIO_ROOT), "--out", str(out),
-             "--max-new-tokens", str(TOKENS), "--workers", "0"])
+             "--max-new-tokens", str(TOKENS), "--workers", "0", "--plot", str(out.parent / "scores.png")])
     return out
 
 
 def test_sample_end_to_end(full):
     inputs = sorted(EVAL.rglob("*_test.json"))
     assert len(inputs) == 7
+    assert (full.parent / "scores.png").read_bytes().startswith(b"\x89PNG")  # --plot after generation too
     all_answers = []
     for path in inputs:
         records = json.loads(path.read_text(encoding="utf-8"))
