@@ -796,8 +796,10 @@ class Tracker:
         self.save()
 
     def close(self):
-        if self.kind != "none":
-            self.run.finish() if self.kind == "wandb" else self.run.close()
+        if self.kind == "wandb":
+            self.run.finish()
+        elif self.kind == "tensorboard":
+            self.run.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
