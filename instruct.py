@@ -1,6 +1,8 @@
 """Stage 2 of LLaSO (instruction tuning): projector + the whole LLM train (incl. the tied embedding rows of the
-five new tokens), encoder frozen (--train-encoder trains it too: the paper's ablation, not the released model),
-activation checkpointing on, modality/length-grouped batches. The loop is align.py's; this file says what differs.
+five new tokens), encoder frozen, activation checkpointing on, modality/length-grouped batches. The loop is
+align.py's; this file says what differs. The final model (projector.safetensors, llm/, llaso_config.json) loads with
+LLaSO.load(out) and evaluate.py. Not LLaSO (README "Fewer audio tokens and the unfrozen encoder"): --train-encoder
+trains the encoder too (the paper's ablation); --stack and --trim-audio come from the --projector/--init model.
 
 Tiny run on CPU (after `align.py --preset tiny`; starts from out/align):
 
@@ -17,18 +19,10 @@ Several nodes, or GPUs under 80 GB: the same with FSDP2 (--fsdp shards weights, 
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 --rdzv_id=instruct \
         instruct.py --fsdp --projector /shared/out/align --data ... --audio-root ... --out /shared/out/instruct
 
-Fewer audio tokens (not LLaSO; README "Fewer audio tokens and the unfrozen encoder"): stage 1 with --stack 5
---trim-audio, and stage 2 takes both from its --projector; --train-encoder also trains Whisper's encoder:
-
-    python align.py --preset tiny --stack 5 --trim-audio --out out/align-k5
-    python instruct.py --preset tiny --projector out/align-k5 --out out/instruct-k5 --train-encoder
-
 Continue fine-tuning the released model (or any stage-2 artifact) on your data:
 
     torchrun --standalone --nproc_per_node=8 instruct.py --init LLaSO-Base-3.8B-Instruct \
         --encoder openai/whisper-large-v3 --data my_data.json --audio-root /data/mine --out out/finetune
-
-The final model (projector.safetensors, llm/, llaso_config.json) loads with LLaSO.load(out) and evaluate.py.
 """
 
 import os
@@ -49,15 +43,11 @@ class InstructConfig(align.Config):
     keep: int = 50
 
 
-def grouped(corpus, seed, global_batch, epoch):
-    """Each optimizer step holds records of near-equal text length; the steps come in random order."""
-    return D.grouped_order(corpus.lengths(), global_batch, seed, epoch)
-
-
 STAGE2 = align.Stage(
     number=2,
     trainable=lambda model: [model.projector, model.llm],
-    order=grouped,
+    # each optimizer step holds records of near-equal text length; the steps come in random order
+    order=lambda corpus, seed, global_batch, epoch: D.grouped_order(corpus.lengths(), global_batch, seed, epoch),
     checkpointing=True,
     save=lambda model, out: model.save(out, with_llm=True),
 )

@@ -1,4 +1,4 @@
-"""The LLaSO model in one file: frozen Whisper encoder -> MLP projector -> Llama, plus the prompt format.
+"""The LLaSO model: frozen Whisper encoder -> MLP projector -> Llama, and the prompt format (README, model.py).
 
     wav -> log-mel chunks [n, 128, 3000] -> Whisper encoder [n, 1500, 1280] -> projector [n, 1500, 3072]
         -> the chunks replace each <audio> placeholder in the Llama-3 chat prompt -> Llama-3.2-3B-Instruct
@@ -6,14 +6,11 @@
 Options beyond LLaSO, off by default (ModelConfig.stack, .trim_audio): K encoder frames side by side per LLM
 position (1500/K per chunk), and encoding only a clip's real length instead of 30 s of padding.
 
-Reading order: prompt format -> tokens/labels -> encoder -> projector -> LLM + tokenizer -> splice -> loss
--> greedy generation -> checkpoints -> presets (the paper's models; their architectures with random weights; a tiny
-pair), all offline but the first.
-
     python model.py --preset llaso-random             # parameters of each part, counted on the meta device
     python model.py --convert LLaSO-Base-3.8B-Instruct --out ckpt/llaso-base --encoder openai/whisper-large-v3
 """
 
+import argparse
 import json
 import shutil
 import tempfile
@@ -23,9 +20,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache, WhisperConfig, WhisperFeatureExtractor
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast, StaticCache, WhisperConfig, WhisperFeatureExtractor,
+                          WhisperForConditionalGeneration)
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 # ----------------------------------------------------------------------------------------------------------
@@ -42,15 +43,12 @@ AUDIO_ID = -300  # its sentinel id in token-id lists, replaced by 1500 audio emb
 IGNORE = -100  # label of every position that is not supervised
 NEW_TOKENS = ["<unk>", "<Audio>", "</Audio>", "<audio_start>", "<audio_end>"]  # added in this order
 EOS_TOKENS = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]  # generation stops on any of them
-AUDIO_TOKENS_PER_CHUNK = 1500  # Whisper's conv2 has stride 2: 3000 mel frames -> 1500 positions
 MEL_FRAMES_PER_CHUNK = 3000  # 30 s of log-mel at a 10 ms hop: the window Whisper was trained on
 
 
 def wrap_audio(human: str) -> str:
     """Wrap every <audio> in the mmtag markers; the newlines depend on whether text comes before the audio."""
     human = human.strip()
-    if AUDIO not in human:
-        return human
     if human.split(AUDIO, 1)[0].strip():  # instruction first: (t,a) and (a)
         wrapped = f"\n<Audio><audio_start>{AUDIO}<audio_end></Audio>\n\n"
     else:  # audio first: (a,t)
@@ -70,18 +68,15 @@ def prompt_text(human: str, answer: str | None = None) -> str:
 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of a prompt string, one AUDIO_ID per <audio> (the pieces around it are tokenised apart)."""
-    pieces = [tokenizer.encode(piece, add_special_tokens=False) for piece in text.split(AUDIO)]
-    ids = pieces[0]
-    for piece in pieces[1:]:
-        ids = ids + [AUDIO_ID] + piece
-    return ids
+    ids = []
+    for piece in text.split(AUDIO):
+        ids += tokenizer.encode(piece, add_special_tokens=False) + [AUDIO_ID]
+    return ids[:-1]
 
 
 def tokenize(tokenizer, human: str, answer: str | None = None, max_len: int = 2048):
-    """(input_ids, labels) of one record. Only the answer and its <|eot_id|> are supervised.
-
-    max_len caps text ids (a placeholder counts as one) before audio is spliced in, as the reference does.
-    """
+    """(input_ids, labels) of one record; only the answer and its <|eot_id|> are supervised. max_len caps text ids
+    (a placeholder counts as one) before audio is spliced in, as the reference does."""
     prompt = encode(tokenizer, prompt_text(human))
     if answer is None:
         ids, labels = prompt, [IGNORE] * len(prompt)
@@ -103,8 +98,6 @@ def resolve(name_or_dir: str, weights: bool = True) -> Path:
     """A local directory as is; a hub id through the hub cache (configs, and safetensors if `weights`)."""
     if Path(name_or_dir).is_dir():
         return Path(name_or_dir)
-    from huggingface_hub import snapshot_download
-
     return Path(snapshot_download(name_or_dir, allow_patterns=["*.json"] + ["*.safetensors"] * weights))
 
 
@@ -139,10 +132,8 @@ def load_prefixed(module: nn.Module, folder: Path, prefix: str, dtype=None):
 
 
 def load_encoder(name_or_dir: str, dtype=torch.float32, weights_from: tuple[Path, str] | None = None):
-    """The encoder half of a Whisper checkpoint (the decoder is never loaded) and its feature extractor.
-
-    weights_from=(folder, prefix) takes the weights from another checkpoint (the released LLaSO model).
-    """
+    """The encoder half of a Whisper checkpoint (the decoder is never loaded) and its feature extractor;
+    weights_from=(folder, prefix) takes the weights from another checkpoint (the released LLaSO model)."""
     folder = resolve(name_or_dir, weights=weights_from is None)
     config = WhisperConfig.from_pretrained(folder)
     with torch.device("meta"):  # weights come from the checkpoint; skip the random init
@@ -166,13 +157,10 @@ def save_encoder(encoder, features, folder: Path):
 
 
 def whisper_forward(encoder: WhisperEncoder, mels: torch.Tensor) -> torch.Tensor:
-    """WhisperEncoder's computation on log-mels of any length up to 3000 frames: [n, n_mels, F] -> [n, ceil(F/2), d].
+    """WhisperEncoder's forward on log-mels of up to 3000 frames: [n, n_mels, F] -> [n, ceil(F/2), d].
 
-    transformers' WhisperEncoder.forward refuses anything but 3000 frames (30 s). This is the same forward with
-    its own submodules and the sinusoidal position table cut to the input's length: conv1 + GELU, conv2 (stride 2)
-    + GELU, + positions, the pre-LN layers, the final LayerNorm. On 3000 frames it equals WhisperEncoder's output
-    (tested). LayerDrop (0 in Whisper's released configs) is not implemented.
-    """
+    transformers' forward refuses anything but 3000 frames (30 s); this one runs its submodules with the sinusoidal
+    positions cut to the input's length, and equals it on 3000 frames (tested)."""
     if encoder.training and encoder.layerdrop > 0:
         raise ValueError("this Whisper config sets encoder_layerdrop, which the trimmed-audio forward does not apply")
     hidden = F.gelu(encoder.conv2(F.gelu(encoder.conv1(mels)))).transpose(1, 2)
@@ -210,11 +198,8 @@ def make_projector(d_encoder: int, d_llm: int, stack: int = 1) -> nn.Sequential:
 
 def add_audio_tokens(llm, tokenizer):
     """Add NEW_TOKENS (pad = <unk>) and give each new embedding row the mean of the original rows."""
-    from tokenizers import AddedToken
-
     missing = [t for t in NEW_TOKENS if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     tokenizer.pad_token = tokenizer.unk_token = "<unk>"
     old = llm.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old:  # a saved stage-2 or released model already has the rows: keep them
@@ -236,8 +221,7 @@ def load_llm(name_or_dir: str, dtype=torch.float32):
 
 
 def left_padded(caches: list[torch.Tensor]) -> torch.Tensor:
-    """One layer's keys (or values) of prompts of different lengths, [heads, n_i, d] each -> [rows, heads, max n_i, d],
-    zeros on the left."""
+    """One layer's keys (or values) of each prompt, [heads, n_i, d] -> [rows, heads, max n_i, d], zeros on the left."""
     rows = [c.transpose(0, 1) for c in caches]
     return nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_side="left").transpose(1, 2)
 
@@ -266,8 +250,7 @@ class LLaSO(nn.Module):
     @classmethod
     def from_parts(cls, config: ModelConfig, projector: str | None = None, encoder_dtype=torch.float32,
                    llm_dtype=torch.float32):
-        """Build from config.encoder, config.llm and an optional projector file (a fresh projector is drawn
-        from the current torch seed)."""
+        """From config.encoder, config.llm and a projector file (none: drawn from the current torch seed)."""
         encoder, features = load_encoder(config.encoder, encoder_dtype)
         llm, tokenizer = load_llm(config.llm, llm_dtype)
         proj = make_projector(encoder.config.d_model, llm.config.hidden_size, config.stack)
@@ -282,22 +265,19 @@ class LLaSO(nn.Module):
 
     # ---- audio
     def encode_audio(self, mels: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
-        """[n_chunks, n_mels, 3000] -> [n_chunks, 1500, d_llm]; all chunks of a batch in one encoder call.
+        """[n_chunks, n_mels, 3000] -> [n_chunks, 1500 / stack, d_llm]; all chunks of a batch in one encoder call.
 
-        Options (not LLaSO): config.stack = K concatenates K frames per position (1500/K positions, ceil).
-        frames (trim_audio, see real_frames): each chunk's first frames[i] log-mel frames are encoded and projected
-        alone, so nothing of its batch reaches it, not even the batch's size (with other shapes conv2 and the
-        projector's matmul may pick kernels that differ in the last bits); the result is padded to the longest
-        chunk and splice keeps each chunk's own chunk_positions.
-        """
+        With frames (trim_audio) each chunk's first frames[i] are encoded and projected alone, so not even the batch's
+        size reaches it (other shapes may pick kernels that differ in the last bits); the results are padded to the
+        longest, and splice keeps each chunk's own chunk_positions."""
         if len(mels) == 0:  # a batch of text-only prompts
             return self.projector[0].weight.new_zeros(0, audio_positions(MEL_FRAMES_PER_CHUNK, self.config.stack),
                                                       self.llm.config.hidden_size)
         if frames is not None:
             one_by_one = [self.encode_audio(chunk[None, :, :n])[0] for chunk, n in zip(mels, frames)]
             return nn.utils.rnn.pad_sequence(one_by_one, batch_first=True)
-        train_encoder = self.encoder.conv1.weight.requires_grad  # --train-encoder; LLaSO's encoder is frozen
-        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
+        # LLaSO's encoder is frozen; --train-encoder trains it
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder.conv1.weight.requires_grad):
             mels = mels.to(next(self.encoder.parameters()).dtype)
             if mels.shape[-1] == MEL_FRAMES_PER_CHUNK:
                 hidden = self.encoder(mels).last_hidden_state  # after the final LayerNorm, no pooling
@@ -321,11 +301,8 @@ class LLaSO(nn.Module):
 
     # ---- splice
     def splice(self, batch, audio: torch.Tensor, left_pad: bool = False):
-        """Replace every AUDIO_ID by its file's projected chunks and pad the batch.
-
-        Returns inputs_embeds [B, T, d], attention_mask [B, T], labels [B, T], position_ids [B, T]; audio
-        positions get label IGNORE, padding gets zero embeddings, attention 0 and label IGNORE.
-        """
+        """Replace every AUDIO_ID by its file's projected chunks and pad the batch: inputs_embeds [B, T, d],
+        attention_mask, labels, position_ids [B, T]; audio and padding get label IGNORE, padding zero embeddings."""
         embed = self.llm.get_input_embeddings()
         device = embed.weight.device
         sizes = self.chunk_positions(batch)  # a trimmed chunk's padding (see encode_audio) is left out here
@@ -366,28 +343,25 @@ class LLaSO(nn.Module):
         targets = labels[:, 1:]
         # LM-head logits only where some row is supervised: same loss, no [B, T, 128k] logits tensor.
         keep = (targets != IGNORE).any(0).nonzero().flatten()
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, logits_to_keep=keep)
-        logits = out.logits.float()
+        logits = self.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                          logits_to_keep=keep).logits.float()
         return F.cross_entropy(logits.flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE)
 
     # ---- generation
     @torch.no_grad()
     def generate_ids(self, batch, max_new_tokens: int = 256) -> list[list[int]]:
-        """Batched greedy decoding with a KV cache; each row stops at its own end-of-turn token.
+        """Batched greedy decoding with a KV cache; each row stops at its own end-of-turn token, then leaves the batch.
 
-        Each prompt is prefilled alone (exactly the batch-1 computation; without a padding mask attention also
-        takes its causal fast path, ~3x faster on CPU), then the caches are left-padded into one batch. Position
-        ids that skip the pads make every decoding step independent of the batch too. A row that has ended leaves
-        the batch, so the longest answer does not keep paying for the shortest.
-        """
+        Each prompt is prefilled alone (the batch-1 computation; without a padding mask attention also takes its
+        causal fast path, ~3x faster on CPU), then the caches are left-padded into one batch, and position ids that
+        skip the pads make every decoding step independent of the batch too."""
         audio = self.encode_audio(batch["mels"].to(self.projector[0].weight.device), self.real_frames(batch))
         embeds, attention, _, positions = self.splice(batch, audio, left_pad=True)
         width, lengths = embeds.shape[1], attention.sum(1).tolist()
         rows = [self.llm(inputs_embeds=row[None, width - n :], use_cache=True, logits_to_keep=1)
                 for row, n in zip(embeds, lengths)]
-        # A StaticCache has room for the answers: a step writes its column in place, where a growing DynamicCache
-        # copies the whole cache (batch 16 on the tiny preset: 15% more records/s; on a GPU decoding is bound by
-        # memory traffic and that copy moves twice the cache's bytes per step). Columns not yet written are masked.
+        # Room for the answers: a step writes its column in place, where a growing DynamicCache copies the whole
+        # cache (README, model.py: Generation). Columns not yet written are masked.
         cache = StaticCache(self.llm.config, max_cache_len=width + max_new_tokens)
         for i, layers in enumerate(zip(*(r.past_key_values.layers for r in rows))):
             cache.update(left_padded([layer.keys[0] for layer in layers]),
@@ -404,7 +378,7 @@ class LLaSO(nn.Module):
             ended = torch.isin(next_token, eos)
             if ended.all() or step == max_new_tokens - 1:
                 break
-            if ended.any():  # finished rows leave the batch, so the others' steps get cheaper
+            if ended.any():
                 keep = (~ended).nonzero().flatten()
                 alive = [alive[i] for i in keep.tolist()]
                 next_token, attention, positions = next_token[keep], attention[keep], positions[keep]
@@ -422,11 +396,8 @@ class LLaSO(nn.Module):
 
     # ---- checkpoints
     def save(self, out_dir: str | Path, with_llm: bool):
-        """Stage-1 artifact: projector + config. Stage-2 artifact (with_llm): also the LLM and tokenizer.
-
-        An encoder whose weights came from a checkpoint rather than from config.encoder (the released model, an
-        artifact that carries one) is written too, as a Whisper-format folder.
-        """
+        """Stage 1: projector + config; stage 2 (with_llm): also the LLM and tokenizer. An encoder whose weights are
+        not config.encoder's (the released model's, a trained one) is written too, as a Whisper-format folder."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().float().contiguous() for k, v in self.projector.state_dict().items()},
@@ -445,13 +416,11 @@ class LLaSO(nn.Module):
     @classmethod
     def load(cls, ckpt_dir: str | Path, encoder: str | None = None, llm: str | None = None,
              encoder_dtype=torch.float32, llm_dtype=torch.float32):
-        """Load a stage-1 or stage-2 artifact, or the released LLaSO-Base checkpoint (its LLaVA layout).
-
-        `encoder`/`llm` override the ids stored in the artifact's config.
-        """
+        """A stage-1 or stage-2 artifact, or the released LLaSO-Base checkpoint (its LLaVA layout); `encoder`/`llm`
+        override the ids stored in the artifact's config."""
         ckpt = Path(ckpt_dir)
         if is_llava_checkpoint(ckpt):
-            return load_llava(cls, ckpt, encoder, encoder_dtype, llm_dtype)
+            return load_llava(ckpt, encoder, encoder_dtype, llm_dtype)
         saved = json.loads((ckpt / "llaso_config.json").read_text())
         stage = saved.pop("stage")
         config = ModelConfig(**saved)
@@ -464,9 +433,8 @@ class LLaSO(nn.Module):
 
 
 def saved_audio_options(path: str | Path) -> tuple[int, bool] | None:
-    """(stack, trim_audio) of the model an artifact holds, from its llaso_config.json (for a projector file: the
-    one beside it; artifacts older than these options: (1, False)). The released checkpoint is (1, False).
-    None if nothing records them (a bare projector file)."""
+    """(stack, trim_audio) from an artifact's llaso_config.json (a projector file: the one beside it; older artifacts
+    and the released checkpoint: (1, False)); None if nothing records them (a bare projector file)."""
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     if is_llava_checkpoint(folder):
         return 1, False
@@ -481,7 +449,6 @@ def saved_audio_options(path: str | Path) -> tuple[int, bool] | None:
 
 LLAVA_PROJECTOR = "model.mm_audio_aligner.projector."
 LLAVA_AUDIO_TOWER = "model.audio_tower."
-DEFAULT_ENCODER = ModelConfig().encoder
 
 
 def is_llava_checkpoint(folder: Path) -> bool:
@@ -489,19 +456,15 @@ def is_llava_checkpoint(folder: Path) -> bool:
     return config.exists() and json.loads(config.read_text()).get("model_type") == "llava_llama"
 
 
-def checkpoint_shapes(folder: Path) -> dict[str, tuple]:
-    """Name -> shape of every tensor in a (sharded) safetensors checkpoint, without reading the data."""
+def check_llava_layout(folder: Path, llama_config, encoder_config) -> str | None:
+    """Every tensor of the released checkpoint must have its place and shape in our modules (built on the meta
+    device; the data is not read). Returns the audio tower's prefix, None if it holds no encoder."""
     shapes = {}
     for file in safetensors_files(folder):
         with safe_open(file, framework="pt") as f:
             shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-    return shapes
-
-
-def llava_expected_shapes(llama_config, encoder_config, encoder_prefix: str | None) -> dict[str, tuple]:
-    """Every tensor name the released checkpoint should hold, with its shape (built on the meta device)."""
-    from transformers import LlamaForCausalLM
-
+    conv1 = [k for k in shapes if k.startswith(LLAVA_AUDIO_TOWER) and k.endswith("conv1.weight")]
+    encoder_prefix = conv1[0][: -len("conv1.weight")] if len(conv1) == 1 else None
     with torch.device("meta"):
         parts = [("", LlamaForCausalLM(llama_config)),
                  (LLAVA_PROJECTOR, make_projector(encoder_config.d_model, llama_config.hidden_size))]
@@ -510,44 +473,33 @@ def llava_expected_shapes(llama_config, encoder_config, encoder_prefix: str | No
     expected = {prefix + k: tuple(v.shape) for prefix, m in parts for k, v in m.state_dict().items()}
     if llama_config.tie_word_embeddings:
         expected.pop("lm_head.weight")  # tied: stored once, as the input embedding
-    return expected
-
-
-def load_llava(cls, folder: Path, encoder: str | None, encoder_dtype, llm_dtype) -> "LLaSO":
-    """Map the released checkpoint onto our modules: Llama under `model.`/`lm_head`, the projector under
-    LLAVA_PROJECTOR, the Whisper encoder under the audio tower. Fails listing every unmapped or missing tensor.
-
-    The config's `mm_audio_tower` is a path on the authors' training machine, so the Whisper config and feature
-    extractor come from `encoder` (default openai/whisper-large-v3); its weights come from the checkpoint when
-    the checkpoint holds the audio tower, else from `encoder`.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    raw = json.loads((folder / "config.json").read_text())
-    llama_config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
-    encoder = encoder or (raw.get("mm_audio_tower") if Path(str(raw.get("mm_audio_tower"))).is_dir() else None)
-    encoder = encoder or DEFAULT_ENCODER
-    encoder_config = WhisperConfig.from_pretrained(resolve(encoder, weights=False))
-    shapes = checkpoint_shapes(folder)
-    conv1 = [k for k in shapes if k.startswith(LLAVA_AUDIO_TOWER) and k.endswith("conv1.weight")]
-    encoder_prefix = conv1[0][: -len("conv1.weight")] if len(conv1) == 1 else None
-    expected = llava_expected_shapes(llama_config, encoder_config, encoder_prefix)
     unmapped = sorted(k for k in shapes if k not in expected)
     missing = sorted(k for k in expected if k not in shapes)
     wrong = sorted(f"{k} {shapes[k]} != {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k])
     if unmapped or missing or wrong:
         raise ValueError(f"{folder}: the checkpoint does not fit the LLaSO layout.\n  unmapped: {unmapped}\n"
                          f"  missing: {missing}\n  wrong shape: {wrong}")
+    return encoder_prefix
 
+
+def load_llava(folder: Path, encoder: str | None, encoder_dtype, llm_dtype) -> LLaSO:
+    """Llama under `model.`/`lm_head`, the projector under LLAVA_PROJECTOR, the encoder's weights under the audio
+    tower if the checkpoint holds one, else from `encoder`. The config's `mm_audio_tower` is a path on the authors'
+    machine, so the Whisper config and feature extractor come from `encoder` (default openai/whisper-large-v3)."""
+    raw = json.loads((folder / "config.json").read_text())
+    llama_config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
+    tower = raw.get("mm_audio_tower")
+    encoder = encoder or (tower if tower and Path(tower).is_dir() else ModelConfig.encoder)
+    encoder_config = WhisperConfig.from_pretrained(resolve(encoder, weights=False))
+    encoder_prefix = check_llava_layout(folder, llama_config, encoder_config)
     # transformers streams the Llama tensors shard by shard and skips the projector/audio-tower ones
     llm = LlamaForCausalLM.from_pretrained(folder, config=llama_config, dtype=llm_dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     add_audio_tokens(llm, tokenizer)  # the released tokenizer already has them: nothing is resized
     enc, features = load_encoder(encoder, encoder_dtype, (folder, encoder_prefix) if encoder_prefix else None)
-    projector = load_prefixed(make_projector(encoder_config.d_model, llama_config.hidden_size), folder,
-                              LLAVA_PROJECTOR)
+    projector = load_prefixed(make_projector(encoder_config.d_model, llama_config.hidden_size), folder, LLAVA_PROJECTOR)
     config = ModelConfig(encoder=encoder, llm=str(folder), max_text_len=raw.get("tokenizer_model_max_length", 2048))
-    model = cls(config, enc, features, projector.float(), llm, tokenizer)
+    model = LLaSO(config, enc, features, projector.float(), llm, tokenizer)
     model.own_encoder = encoder_prefix is not None
     return model
 
@@ -556,9 +508,7 @@ def load_llava(cls, folder: Path, encoder: str | None, encoder_dtype, llm_dtype)
 # Presets: the paper's models; the same architectures with random weights (llaso-random); a tiny random pair.
 # The random ones are written to disk once and loaded through the same code as the real models.
 
-PRESETS = {"llaso": ModelConfig()}
-TINY_VERSION = 1  # bump when build_tiny changes, so stale caches are rebuilt
-RANDOM_VERSION = 1  # the same for build_random
+VERSIONS = {"tiny": 1, "llaso-random": 1}  # bump when build_tiny / build_random changes: stale caches are rebuilt
 
 # The architectures of openai/whisper-large-v3 and meta-llama/Llama-3.2-3B-Instruct, as their config.json give
 # them, so that llaso-random has the real shapes without a download.
@@ -579,21 +529,19 @@ LLAMA_32_3B_INSTRUCT = dict(
 
 def preset(name: str) -> ModelConfig:
     """tiny and llaso-random are written to the cache folder on first use (llaso-random: 7.7 GB of bf16 weights)."""
-    if name in ("tiny", "llaso-random"):
-        from data import DEFAULT_CACHE_DIR
+    if name == "llaso":
+        return ModelConfig()
+    from data import DEFAULT_CACHE_DIR
 
-        build, version = (build_tiny, TINY_VERSION) if name == "tiny" else (build_random, RANDOM_VERSION)
-        folder = build(DEFAULT_CACHE_DIR / f"{name}-v{version}")
-        return ModelConfig(encoder=str(folder / "encoder"), llm=str(folder / "llm"))
-    return ModelConfig(**asdict(PRESETS[name]))
+    build = build_tiny if name == "tiny" else build_random
+    folder = build(DEFAULT_CACHE_DIR / f"{name}-v{VERSIONS[name]}")
+    return ModelConfig(encoder=str(folder / "encoder"), llm=str(folder / "llm"))
 
 
 def preset_parts(name: str):
     """(Whisper config, LLM config, tokenizer) of a preset: everything but the weights."""
-    from transformers import AutoConfig, LlamaConfig
-
     if name == "llaso-random":
-        return WhisperConfig(**WHISPER_LARGE_V3), LlamaConfig(**LLAMA_32_3B_INSTRUCT), build_llama3_sized_tokenizer()
+        return WhisperConfig(**WHISPER_LARGE_V3), LlamaConfig(**LLAMA_32_3B_INSTRUCT), build_tokenizer(llama3_ids=True)
     config = preset(name)
     return (WhisperConfig.from_pretrained(resolve(config.encoder, weights=False)),
             AutoConfig.from_pretrained(resolve(config.llm, weights=False)), AutoTokenizer.from_pretrained(config.llm))
@@ -611,7 +559,6 @@ def parameter_counts(encoder_config, llm_config, tokenizer) -> dict[str, int]:
 
 def write_once(folder: Path, write, note: str) -> Path:
     """write(tmp) into a temporary sibling of `folder`, then rename it to `folder`; later calls reuse it."""
-    folder = Path(folder)
     if (folder / "done").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -654,71 +601,47 @@ LLAMA3_SPLIT = (  # Llama-3's pre-tokenizer pattern, so prompts split into piece
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
-LLAMA3_CHAT_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                      "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]
-# Llama-3's 256 special tokens take ids 128,000-128,255: these eight at fixed ids, reserved ones in the gaps.
-LLAMA3_CONTROL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
-                      "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008,
-                      "<|eot_id|>": 128009, "<|python_tag|>": 128010}
+# Llama-3's chat special tokens at their ids (its 256 special tokens take 128,000-128,255, reserved ones in the
+# gaps); the tiny tokenizer has them first (ids 0-7), in this order.
+LLAMA3_SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
+                      "<|end_header_id|>": 128007, "<|eom_id|>": 128008, "<|eot_id|>": 128009, "<|python_tag|>": 128010,
+                      "<|finetune_right_pad_id|>": 128004}
 
 
-def trained_bpe(special_tokens: list[str]):
-    """A byte-level BPE with Llama-3's pre-tokenizer, its 512-entry vocabulary trained offline on TINY_TEXT."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(llama3_ids: bool = False):
+    """The tiny tokenizer, built offline: a byte-level BPE with Llama-3's pre-tokenizer, its 512-entry vocabulary
+    trained on TINY_TEXT; as Llama-3's, it prepends <|begin_of_text|>, and <|eot_id|> ends a turn.
 
+    llama3_ids (llaso-random): the same merges with Llama-3's ids: 128,000 ordinary ids (past the trained ones,
+    placeholders that no text produces), then Llama-3's 256 special tokens, so <|eot_id|> is 128009 and the five
+    LLaSO tokens get 128,256-128,260, as with the real tokenizer."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special_tokens, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[] if llama3_ids else list(LLAMA3_SPECIAL_IDS),
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TINY_TEXT, trainer)
-    return tok
-
-
-def llama3_style(tok):
-    """As Llama-3's: the tokenizer prepends <|begin_of_text|>, and <|eot_id|> ends a turn."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-
-    bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                       special_tokens=[("<|begin_of_text|>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
-
-
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer with the Llama-3 chat special tokens, built offline."""
-    return llama3_style(trained_bpe(LLAMA3_CHAT_TOKENS))
-
-
-def build_llama3_sized_tokenizer():
-    """The tiny tokenizer's merges with Llama-3's ids: 128,000 ordinary ids (past the 512 trained ones, placeholders
-    that no text produces), then Llama-3's 256 special tokens, so <|eot_id|> is 128009 and the five LLaSO tokens get
-    128,256-128,260, as with the real tokenizer."""
-    from tokenizers import AddedToken, Tokenizer
-
-    state = json.loads(trained_bpe([]).to_str())
-    vocab = state["model"]["vocab"]
-    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), 128000)})
-    tok = Tokenizer.from_str(json.dumps(state))
-    reserved = iter(f"<|reserved_special_token_{k}|>" for k in range(256))
-    by_id = {i: t for t, i in LLAMA3_CONTROL_IDS.items()}
-    tok.add_special_tokens([AddedToken(by_id.get(i) or next(reserved), special=True, normalized=False)
-                            for i in range(128000, 128256)])
-    return llama3_style(tok)
+    if llama3_ids:
+        state = json.loads(tok.to_str())
+        vocab = state["model"]["vocab"]
+        vocab.update({f"<unused_{i}>": i for i in range(len(vocab), 128000)})
+        tok = Tokenizer.from_str(json.dumps(state))
+        reserved = iter(f"<|reserved_special_token_{k}|>" for k in range(256))
+        by_id = {i: t for t, i in LLAMA3_SPECIAL_IDS.items()}
+        tok.add_special_tokens([AddedToken(by_id.get(i) or next(reserved), special=True, normalized=False)
+                                for i in range(128000, 128256)])
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>")
 
 
 def build_tiny(folder: Path, seed: int = 0) -> Path:
-    """Write a tiny random Whisper checkpoint and a tiny Llama (+ tokenizer) once; reuse them afterwards.
-
-    The encoder keeps large-v3's interface (128 mels, 3000 frames in, 1500 positions out). With transformers'
-    std-0.02 init a tiny random encoder's output barely depends on its input (the fixed sinusoidal positions
-    dominate), so nothing downstream could learn from audio: it gets PyTorch's default init, convs x10.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM, WhisperForConditionalGeneration
+    """A tiny random Whisper (large-v3's interface: 128 mels, 3000 frames in, 1500 positions out) and Llama, with the
+    tiny tokenizer. With transformers' std-0.02 init a tiny encoder's output barely depends on its input (the fixed
+    sinusoidal positions dominate) and nothing could learn from audio: it gets PyTorch's default init, convs x10."""
 
     def write(tmp: Path):
         torch.manual_seed(seed)
@@ -739,7 +662,7 @@ def build_tiny(folder: Path, seed: int = 0) -> Path:
         whisper.save_pretrained(tmp / "encoder")
         WhisperFeatureExtractor(feature_size=128).save_pretrained(tmp / "encoder")
 
-        tokenizer = build_tiny_tokenizer()
+        tokenizer = build_tokenizer()
         llama_config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=500000.0,
@@ -752,8 +675,6 @@ def build_tiny(folder: Path, seed: int = 0) -> Path:
 
 
 def main(argv=None):
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=["tiny", "llaso", "llaso-random"],
                         help="models whose parameters to count, on the meta device (no weights loaded or allocated)")
