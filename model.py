@@ -118,7 +118,7 @@ def load_prefixed(module: nn.Module, folder: Path, prefix: str, dtype=None):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 if key.startswith(prefix):
-                    state[key[len(prefix) :]] = f.get_tensor(key).to(dtype) if dtype else f.get_tensor(key)
+                    state[key[len(prefix) :]] = f.get_tensor(key).to(dtype)
     expected = set(module.state_dict())
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
@@ -157,10 +157,8 @@ def save_encoder(encoder, features, folder: Path):
 
 
 def whisper_forward(encoder: WhisperEncoder, mels: torch.Tensor) -> torch.Tensor:
-    """WhisperEncoder's forward on log-mels of up to 3000 frames: [n, n_mels, F] -> [n, ceil(F/2), d].
-
-    transformers' forward refuses anything but 3000 frames (30 s); this one runs its submodules with the sinusoidal
-    positions cut to the input's length, and equals it on 3000 frames (tested)."""
+    """WhisperEncoder's forward on up to 3000 log-mel frames, [n, n_mels, F] -> [n, ceil(F/2), d], its positions cut
+    to the input's length (transformers' refuses all but 3000); on 3000 frames it equals transformers' (tested)."""
     if encoder.training and encoder.layerdrop > 0:
         raise ValueError("this Whisper config sets encoder_layerdrop, which the trimmed-audio forward does not apply")
     hidden = F.gelu(encoder.conv2(F.gelu(encoder.conv1(mels)))).transpose(1, 2)
@@ -266,10 +264,8 @@ class LLaSO(nn.Module):
     # ---- audio
     def encode_audio(self, mels: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
         """[n_chunks, n_mels, 3000] -> [n_chunks, 1500 / stack, d_llm]; all chunks of a batch in one encoder call.
-
         With frames (trim_audio) each chunk's first frames[i] are encoded and projected alone, so not even the batch's
-        size reaches it (other shapes may pick kernels that differ in the last bits); the results are padded to the
-        longest, and splice keeps each chunk's own chunk_positions."""
+        size reaches it (other shapes may pick kernels that differ in the last bits), then padded to the longest."""
         if len(mels) == 0:  # a batch of text-only prompts
             return self.projector[0].weight.new_zeros(0, audio_positions(MEL_FRAMES_PER_CHUNK, self.config.stack),
                                                       self.llm.config.hidden_size)
@@ -350,11 +346,9 @@ class LLaSO(nn.Module):
     # ---- generation
     @torch.no_grad()
     def generate_ids(self, batch, max_new_tokens: int = 256) -> list[list[int]]:
-        """Batched greedy decoding with a KV cache; each row stops at its own end-of-turn token, then leaves the batch.
-
-        Each prompt is prefilled alone (the batch-1 computation; without a padding mask attention also takes its
-        causal fast path, ~3x faster on CPU), then the caches are left-padded into one batch, and position ids that
-        skip the pads make every decoding step independent of the batch too."""
+        """Batched greedy decoding, each row stopping at its own end-of-turn token and then leaving the batch. Each
+        prompt is prefilled alone (the batch-1 computation; without a padding mask attention also takes its causal
+        fast path, ~3x faster on CPU), the caches are left-padded into one, and position ids skip the pads."""
         audio = self.encode_audio(batch["mels"].to(self.projector[0].weight.device), self.real_frames(batch))
         embeds, attention, _, positions = self.splice(batch, audio, left_pad=True)
         width, lengths = embeds.shape[1], attention.sum(1).tolist()
@@ -573,9 +567,8 @@ def write_once(folder: Path, write, note: str) -> Path:
 
 
 def build_random(folder: Path, seed: int = 0) -> Path:
-    """Whisper-large-v3's encoder and Llama-3.2-3B-Instruct with transformers' random init, in bf16 as the released
-    weights, and the Llama-3-sized tokenizer: the real model's shapes, memory and speed, offline. Nothing learns
-    from random weights; this preset is for benchmarks and memory checks."""
+    """Whisper-large-v3's encoder and Llama-3.2-3B-Instruct with transformers' random init, in bf16 as released, and
+    the Llama-3-sized tokenizer: the real shapes, memory and speed, offline, for benchmarks (nothing learns)."""
 
     def write(tmp: Path):
         torch.manual_seed(seed)
@@ -609,12 +602,9 @@ LLAMA3_SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<
 
 
 def build_tokenizer(llama3_ids: bool = False):
-    """The tiny tokenizer, built offline: a byte-level BPE with Llama-3's pre-tokenizer, its 512-entry vocabulary
-    trained on TINY_TEXT; as Llama-3's, it prepends <|begin_of_text|>, and <|eot_id|> ends a turn.
-
-    llama3_ids (llaso-random): the same merges with Llama-3's ids: 128,000 ordinary ids (past the trained ones,
-    placeholders that no text produces), then Llama-3's 256 special tokens, so <|eot_id|> is 128009 and the five
-    LLaSO tokens get 128,256-128,260, as with the real tokenizer."""
+    """The tiny tokenizer, offline: a byte-level BPE with Llama-3's pre-tokenizer, 512 entries trained on TINY_TEXT;
+    as Llama-3's, it prepends <|begin_of_text|> and <|eot_id|> ends a turn. llama3_ids (llaso-random): the same merges
+    padded with placeholders to 128,000 ids, then Llama-3's 256 special tokens, so all ids are Llama-3's."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
