@@ -408,10 +408,10 @@ class LLaSO(nn.Module):
         (out / "llaso_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def load(cls, ckpt_dir: str | Path, encoder: str | None = None, llm: str | None = None,
-             encoder_dtype=torch.float32, llm_dtype=torch.float32):
-        """A stage-1 or stage-2 artifact, or the released LLaSO-Base checkpoint (its LLaVA layout); `encoder`/`llm`
-        override the ids stored in the artifact's config."""
+    def load(cls, ckpt_dir: str | Path, encoder: str | None = None, encoder_dtype=torch.float32,
+             llm_dtype=torch.float32):
+        """A stage-1 or stage-2 artifact, or the released LLaSO-Base checkpoint (its LLaVA layout); `encoder`
+        overrides the one the artifact's config names."""
         ckpt = Path(ckpt_dir)
         if is_llava_checkpoint(ckpt):
             return load_llava(ckpt, encoder, encoder_dtype, llm_dtype)
@@ -420,7 +420,7 @@ class LLaSO(nn.Module):
         config = ModelConfig(**saved)
         inside = lambda name: str(ckpt / name) if (ckpt / name).is_dir() and not Path(name).is_absolute() else name
         config.encoder = encoder or inside(config.encoder)
-        config.llm = llm or (inside(config.llm) if stage == 2 else config.llm)
+        config.llm = inside(config.llm) if stage == 2 else config.llm
         model = cls.from_parts(config, str(ckpt / "projector.safetensors"), encoder_dtype, llm_dtype)
         model.own_encoder = not encoder and Path(config.encoder) == ckpt / "encoder"
         return model
@@ -566,12 +566,12 @@ def write_once(folder: Path, write, note: str) -> Path:
     return folder
 
 
-def build_random(folder: Path, seed: int = 0) -> Path:
+def build_random(folder: Path) -> Path:
     """Whisper-large-v3's encoder and Llama-3.2-3B-Instruct with transformers' random init, in bf16 as released, and
     the Llama-3-sized tokenizer: the real shapes, memory and speed, offline, for benchmarks (nothing learns)."""
 
     def write(tmp: Path):
-        torch.manual_seed(seed)
+        torch.manual_seed(0)
         encoder_config, llm_config, tokenizer = preset_parts("llaso-random")
         encoder = WhisperEncoder(encoder_config).to(torch.bfloat16)
         save_encoder(encoder, WhisperFeatureExtractor(feature_size=encoder_config.num_mel_bins), tmp / "encoder")
@@ -579,7 +579,7 @@ def build_random(folder: Path, seed: int = 0) -> Path:
         AutoModelForCausalLM.from_config(llm_config, dtype=torch.bfloat16).save_pretrained(tmp / "llm")
         tokenizer.save_pretrained(tmp / "llm")
 
-    return write_once(folder, write, f"seed {seed}")
+    return write_once(folder, write, "seed 0")
 
 
 # A few hundred words of the prompt format and typical instructions train the tiny tokenizer's merges.
@@ -628,13 +628,13 @@ def build_tokenizer(llama3_ids: bool = False):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>")
 
 
-def build_tiny(folder: Path, seed: int = 0) -> Path:
+def build_tiny(folder: Path) -> Path:
     """A tiny random Whisper (large-v3's interface: 128 mels, 3000 frames in, 1500 positions out) and Llama, with the
     tiny tokenizer. With transformers' std-0.02 init a tiny encoder's output barely depends on its input (the fixed
     sinusoidal positions dominate) and nothing could learn from audio: it gets PyTorch's default init, convs x10."""
 
     def write(tmp: Path):
-        torch.manual_seed(seed)
+        torch.manual_seed(0)
         whisper_config = WhisperConfig(
             num_mel_bins=128, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=256,
             decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256, vocab_size=128,
@@ -661,7 +661,7 @@ def build_tiny(folder: Path, seed: int = 0) -> Path:
         LlamaForCausalLM(llama_config).save_pretrained(tmp / "llm")
         tokenizer.save_pretrained(tmp / "llm")
 
-    return write_once(folder, write, f"seed {seed}")
+    return write_once(folder, write, "seed 0")
 
 
 def main(argv=None):
