@@ -149,8 +149,7 @@ def load_encoder(name_or_dir: str, dtype=torch.float32, weights_from: tuple[Path
 
 def save_encoder(encoder, features, folder: Path):
     """A Whisper-format folder with the encoder only (tensors under model.encoder.), as load_encoder reads it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    encoder.config.save_pretrained(folder)
+    encoder.config.save_pretrained(folder)  # creates the folder
     features.save_pretrained(folder)
     save_file({"model.encoder." + k: v.contiguous() for k, v in encoder.state_dict().items()},
               folder / "model.safetensors")
@@ -272,8 +271,8 @@ class LLaSO(nn.Module):
         if frames is not None:
             one_by_one = [self.encode_audio(chunk[None, :, :n])[0] for chunk, n in zip(mels, frames)]
             return nn.utils.rnn.pad_sequence(one_by_one, batch_first=True)
-        # LLaSO's encoder is frozen; --train-encoder trains it
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder.conv1.weight.requires_grad):
+        train_encoder = self.encoder.conv1.weight.requires_grad  # --train-encoder; LLaSO's encoder is frozen
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
             mels = mels.to(next(self.encoder.parameters()).dtype)
             if mels.shape[-1] == MEL_FRAMES_PER_CHUNK:
                 hidden = self.encoder(mels).last_hidden_state  # after the final LayerNorm, no pooling
@@ -372,7 +371,7 @@ class LLaSO(nn.Module):
             ended = torch.isin(next_token, eos)
             if ended.all() or step == max_new_tokens - 1:
                 break
-            if ended.any():
+            if ended.any():  # finished rows leave, so the others' steps get cheaper
                 keep = (~ended).nonzero().flatten()
                 alive = [alive[i] for i in keep.tolist()]
                 next_token, attention, positions = next_token[keep], attention[keep], positions[keep]
