@@ -595,7 +595,7 @@ LLAMA3_SPLIT = (  # Llama-3's pre-tokenizer pattern, so prompts split into piece
 )
 # Llama-3's chat special tokens at their ids (its 256 special tokens take 128,000-128,255, reserved ones in the
 # gaps); the tiny tokenizer has them first (ids 0-7), in this order.
-LLAMA3_SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
+LLAMA3_CONTROL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
                       "<|end_header_id|>": 128007, "<|eom_id|>": 128008, "<|eot_id|>": 128009, "<|python_tag|>": 128010,
                       "<|finetune_right_pad_id|>": 128004}
 
@@ -610,7 +610,7 @@ def build_tokenizer(llama3_ids: bool = False):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[] if llama3_ids else list(LLAMA3_SPECIAL_IDS),
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[] if llama3_ids else list(LLAMA3_CONTROL_IDS),
                                   show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TINY_TEXT, trainer)
     if llama3_ids:
@@ -619,7 +619,7 @@ def build_tokenizer(llama3_ids: bool = False):
         vocab.update({f"<unused_{i}>": i for i in range(len(vocab), 128000)})
         tok = Tokenizer.from_str(json.dumps(state))
         reserved = iter(f"<|reserved_special_token_{k}|>" for k in range(256))
-        by_id = {i: t for t, i in LLAMA3_SPECIAL_IDS.items()}
+        by_id = {i: t for t, i in LLAMA3_CONTROL_IDS.items()}
         tok.add_special_tokens([AddedToken(by_id.get(i) or next(reserved), special=True, normalized=False)
                                 for i in range(128000, 128256)])
     bos = "<|begin_of_text|>"
