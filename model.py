@@ -94,21 +94,25 @@ def tokenize(tokenizer, human: str, answer: str | None = None, max_len: int = 20
 # Loading weights from a transformers checkpoint (a hub id or a local directory)
 
 
+# The weights transformers' from_pretrained reads: one file, or shards named by the index. Other *.safetensors are
+# variants (openai/whisper-large-v3 also ships fp32 shards, 6 GB, beside its fp16 model.safetensors): never fetched.
+WEIGHT_FILES = ["model.safetensors", "model-*-of-*.safetensors"]
+
+
 def resolve(name_or_dir: str, weights: bool = True) -> Path:
-    """A local directory as is; a hub id through the hub cache (configs, and safetensors if `weights`)."""
+    """A local directory as is; a hub id through the hub cache (configs, and the weights if `weights`)."""
     if Path(name_or_dir).is_dir():
         return Path(name_or_dir)
-    return Path(snapshot_download(name_or_dir, allow_patterns=["*.json"] + ["*.safetensors"] * weights))
+    return Path(snapshot_download(name_or_dir, allow_patterns=["*.json"] + WEIGHT_FILES * weights))
 
 
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
-    return files
+    if not (folder / "model.safetensors").exists():
+        raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {folder}")
+    return [folder / "model.safetensors"]
 
 
 def load_prefixed(module: nn.Module, folder: Path, prefix: str, dtype=None):

@@ -1,5 +1,6 @@
 """model.py: prompt bytes, splice, labels, frozen encoder, batch-invariant generation, checkpoints."""
 
+import shutil
 from collections import Counter
 
 import pytest
@@ -242,6 +243,27 @@ def test_save_load_round_trip_gives_identical_logits(make_tiny, tmp_path):
     model.save(tmp_path / "stage1", with_llm=False)
     assert sorted(p.name for p in (tmp_path / "stage1").iterdir()) == ["llaso_config.json", "projector.safetensors"]
     torch.testing.assert_close(full_logits(M.LLaSO.load(tmp_path / "stage1"), batch)[0], want, rtol=0, atol=0)
+
+
+# openai/whisper-large-v3's weight files: fp16 model.safetensors (3 GB) and an fp32 variant in two shards (6 GB)
+WHISPER_LARGE_V3_WEIGHTS = ["model.safetensors", "model.fp32-00001-of-00002.safetensors",
+                            "model.fp32-00002-of-00002.safetensors", "model.safetensors.index.fp32.json"]
+
+
+def test_whisper_weights_are_fetched_and_read_once_not_with_their_fp32_variant(tiny_dir, tmp_path, monkeypatch):
+    from huggingface_hub.utils import filter_repo_objects
+
+    fetched = []
+    monkeypatch.setattr(M, "snapshot_download", lambda repo, allow_patterns: fetched.extend(
+        filter_repo_objects(WHISPER_LARGE_V3_WEIGHTS + ["config.json"], allow_patterns=allow_patterns)) or tmp_path)
+    M.resolve("openai/whisper-large-v3")
+    assert "config.json" in fetched and [f for f in fetched if f.endswith(".safetensors")] == ["model.safetensors"]
+
+    folder = tmp_path / "whisper"  # a local copy with all the files: only model.safetensors is read
+    shutil.copytree(tiny_dir / "encoder", folder)
+    for name in WHISPER_LARGE_V3_WEIGHTS[1:3]:
+        shutil.copy(folder / "model.safetensors", folder / name)
+    assert M.safetensors_files(folder) == [folder / "model.safetensors"]
 
 
 def test_llaso_random_has_the_papers_shapes(capsys):
