@@ -172,23 +172,6 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Learning-rate schedule (the reference's HF cosine schedule, per optimizer step)
-
-
-def warmup_steps(total: int, ratio: float) -> int:
-    return math.ceil(ratio * total)
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """LR of optimizer step `step` (0-based): linear from 0 over `warmup` steps (as in the reference, step 0 has LR 0
-    when there is warm-up), then half a cosine to 0."""
-    if step < warmup:
-        return peak * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-# ----------------------------------------------------------------------------------------------------------
 # What the two stages do differently; the loop below is shared
 
 
@@ -398,14 +381,13 @@ def trainable_encoder(model: M.LLaSO) -> list:  # --train-encoder
     return [model.encoder.conv1, model.encoder.conv2, model.encoder.layers, model.encoder.layer_norm]
 
 
-def load_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
-    """The model the run starts from, each part in fp32 where it trains (master weights), else the precision's
-    frozen dtype."""
+def load_model(cfg: Config, stage: Stage, env: Env, projector: str = "") -> M.LLaSO:
+    """--init's model, or the parts with --projector's projector (else a fresh one), each part in fp32 where it
+    trains (master weights), else in the precision's frozen dtype."""
     dtypes = dict(encoder_dtype=torch.float32 if cfg.train_encoder else env.frozen_dtype,
                   llm_dtype=torch.float32 if stage.number == 2 else env.frozen_dtype)
     if cfg.init:
         return M.LLaSO.load(cfg.init, encoder=cfg.encoder or None, **dtypes)
-    projector = cfg.projector
     if projector and Path(projector).is_dir():
         projector = str(Path(projector) / "projector.safetensors")
     try:  # e.g. a projector file of another --stack: one clear line, not a traceback
@@ -417,7 +399,7 @@ def load_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
 
 def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
     torch.manual_seed(cfg.seed)  # the fresh projector is the same on every rank
-    model = load_model(cfg, stage, env)
+    model = load_model(cfg, stage, env, cfg.projector)
     model.requires_grad_(False)
     for module in stage.trainable(model) + (trainable_encoder(model) if cfg.train_encoder else []):
         module.requires_grad_(True)
@@ -435,7 +417,7 @@ def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: the corpus index, the run's length in steps, the micro-batches of each step
+# Data: the corpus index, the run's length in steps and its LR schedule, the micro-batches of each step
 
 
 def load_corpus(cfg: Config, env: Env) -> D.Corpus:
@@ -475,6 +457,19 @@ def plan_steps(cfg: Config, records: int, env: Env) -> Plan:
         raise SystemExit("the run has no steps: give --epochs or --max-steps a positive value")
     end = min(total, cfg.stop_after) if cfg.stop_after else total
     return Plan(global_batch, steps_per_epoch, total, warmup_steps(total, cfg.warmup_ratio), end)
+
+
+def warmup_steps(total: int, ratio: float) -> int:
+    return math.ceil(ratio * total)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """LR of optimizer step `step` (0-based), the reference's HF cosine schedule: linear from 0 over `warmup` steps
+    (step 0 has LR 0 when there is warm-up), then half a cosine to 0."""
+    if step < warmup:
+        return peak * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def micro_batches(stage: Stage, corpus, dataset, cfg: Config, plan: Plan, env: Env, first_step: int):
@@ -619,6 +614,17 @@ class StepStats:
         dist.all_reduce(values)
         return StepStats(*(type(getattr(self, f.name))(v) for f, v in zip(fields(self), values.tolist())))
 
+    def record(self, step: int, lr: float, norm: float | None, seconds: float, peak: float) -> dict:
+        """The step's line in log.jsonl. A step without a usable record has no loss and is marked "skipped_step"."""
+        record = {"step": step, "loss": self.loss_sum / self.usable if self.usable else None, "lr": lr,
+                  "grad_norm": norm, "tokens_per_s": self.positions / seconds, "step_s": seconds,
+                  "skipped": self.skipped, "audio_cut": self.audio_cut}
+        if not self.usable:
+            record["skipped_step"] = True
+        if peak:
+            record["mfu"] = self.flops / seconds / peak
+        return record
+
 
 def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: list, cfg: Config, env: Env,
                flops_of: Callable | None) -> tuple[StepStats, float | None]:
@@ -669,20 +675,8 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
     return stats, norm.item()
 
 
-def step_record(step: int, stats: StepStats, lr: float, norm: float | None, seconds: float, peak: float) -> dict:
-    """The step's line in log.jsonl. A step without a usable record has no loss and is marked "skipped_step"."""
-    record = {"step": step, "loss": stats.loss_sum / stats.usable if stats.usable else None, "lr": lr,
-              "grad_norm": norm, "tokens_per_s": stats.positions / seconds, "step_s": seconds,
-              "skipped": stats.skipped, "audio_cut": stats.audio_cut}
-    if not stats.usable:
-        record["skipped_step"] = True
-    if peak:
-        record["mfu"] = stats.flops / seconds / peak
-    return record
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Experiment tracking (--report-to): rank 0 sends every log.jsonl line to wandb or TensorBoard
+# Log (log.jsonl, and with --report-to every line to wandb or TensorBoard), checkpoints, final artifact
 
 
 def check_tracker(kind: str):
@@ -746,23 +740,14 @@ class Tracker:
             self.run.close()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Log, checkpoints, final artifact
-
-
 class RunLog:
-    """log.jsonl (one JSON line per optimizer step) and the progress bar, on rank 0."""
+    """log.jsonl (one JSON line per optimizer step) and the progress bar, on rank 0. A resumed run keeps the lines up
+    to its checkpoint (and drops a last line torn by a kill mid-write), replacing the file in one rename: a crash
+    then leaves the old log whole."""
 
     def __init__(self, out: Path, step: int, end: int, stage: int, master: bool, tracker: "Tracker"):
         self.path, self.master, self.tracker = out / "log.jsonl", master, tracker
-        if master:
-            self.start(step)
-        self.progress = tqdm(total=end, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
-
-    def start(self, step: int):
-        """A resumed run keeps the lines up to its checkpoint (and drops a last line torn by a kill mid-write); the
-        file is replaced in one rename, so a crash now leaves the old log whole."""
-        lines = self.path.read_text(errors="replace").splitlines() if step and self.path.exists() else []
+        lines = self.path.read_text(errors="replace").splitlines() if master and step and self.path.exists() else []
         kept = []
         for n, line in enumerate(lines, 1):
             try:
@@ -771,9 +756,11 @@ class RunLog:
             except ValueError:
                 if n < len(lines):
                     raise SystemExit(f"{self.path} line {n} is not JSON: fix or delete it, then --resume") from None
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        if master:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+        self.progress = tqdm(total=end, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
 
     def write(self, record: dict):
         if not self.master:
@@ -850,7 +837,7 @@ def save_final(cfg: Config, stage: Stage, model: M.LLaSO, env: Env):
     if cfg.fsdp:  # FSDP keeps only shards: rank 0 puts the gathered trainable weights into a copy on the CPU
         weights = trainable_weights(model, env)
         if env.master:
-            own_encoder, model = model.own_encoder, load_model(cfg, stage, env)
+            own_encoder, model = model.own_encoder, load_model(cfg, stage, env)  # fresh projector: replaced next
             model.load_state_dict(weights, strict=False)
             model.own_encoder = own_encoder
     if not env.master:
@@ -918,7 +905,7 @@ def train(cfg: Config, stage: Stage):
             if env.cuda:
                 torch.cuda.synchronize()
             step += 1
-            log.write(step_record(step, stats, lr, norm, time.time() - t0, peak))
+            log.write(stats.record(step, lr, norm, time.time() - t0, peak))
             if step % cfg.save_every == 0 or step == plan.end:
                 save_checkpoint(cfg, model, wrapped, optimizer, step, plan, skipped, settings, env)
     tracker.close()
