@@ -126,9 +126,8 @@ class Config:
                           choices=["none", "wandb", "tensorboard"])
 
 
-# The tiny preset: models that fit a CPU, the sample corpus, batches small enough for a few minutes. The tiny
-# random LLM learns nothing in minutes at the paper's learning rates, so they are raised, and a few epochs
-# over the 40 (stage 1) / 136 (stage 2) sample records make the loss curve visible.
+# The tiny preset: models that fit a CPU, the sample corpus, a few minutes. A tiny random LLM learns nothing in minutes
+# at the paper's learning rates, so they are raised; a few epochs over the 40 / 136 records show a loss curve.
 TINY = {
     1: dict(data=[str(SAMPLE / "LLaSO-Align/text_audio/ASR_stage1_train.json")], out="out/align",
             batch_size=2, grad_accum=2, lr=3e-3, epochs=5, save_every=10, keep=2, workers=1),
@@ -197,13 +196,8 @@ def save_stage1(model: M.LLaSO, out: Path):
         export_aligner(model, out)
 
 
-STAGE1 = Stage(
-    number=1,
-    trainable=lambda model: [model.projector],
-    order=lambda corpus, seed, global_batch, epoch: D.shuffled_order(len(corpus), seed, epoch),
-    checkpointing=False,
-    save=save_stage1,
-)
+STAGE1 = Stage(number=1, trainable=lambda model: [model.projector], checkpointing=False, save=save_stage1,
+               order=lambda corpus, seed, global_batch, epoch: D.shuffled_order(len(corpus), seed, epoch))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,9 +287,7 @@ class Env:
     frozen_dtype = property(lambda self: torch.bfloat16 if self.precision == "bf16" else torch.float32)
 
     def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
 def set_up(precision: str = "", tf32: bool = False) -> Env:
@@ -491,12 +483,10 @@ def stand_in_batch(model: M.LLaSO) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Resume: a checkpoint continues only the run that wrote it. Trainable weights go in before wrapping, the
-# optimizer state after.
+# Resume: a checkpoint continues only the run that wrote it (weights before wrapping, optimizer state after)
 
-# Settings a resumed run may change: none of them moves the training trajectory. Every other Config field and
-# every fact run_settings adds must be what the checkpoint recorded. grad_accum may trade against the number of
-# ranks (the same micro-batches, more or fewer per rank): global_batch and batch_size must match.
+# Settings a resumed run may change, as none moves the trajectory; every other Config field and run_settings fact must
+# match. grad_accum may trade against the number of ranks (the same micro-batches): not global_batch, batch_size.
 MAY_CHANGE = {"workers", "save_every", "keep", "stop_after", "resume", "overwrite", "strict", "peak_tflops", "out",
               "grad_accum", "report_to", "index_dir"}
 
@@ -628,9 +618,8 @@ class StepStats:
 
 def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: list, cfg: Config, env: Env,
                flops_of: Callable | None) -> tuple[StepStats, float | None]:
-    """grad_accum micro-batches forward and backward, then clipping and AdamW. The step's gradient is that of the
-    mean loss over the usable micro-batches of all ranks; a step in which no rank had a usable record changes no
-    weight and no optimizer state (and has no gradient norm). Unusable records and cut audio are listed on stderr."""
+    """grad_accum micro-batches forward and backward, then clipping and AdamW. The gradient is that of the mean loss
+    over the usable micro-batches of all ranks; with none on any rank, no weight and no optimizer state changes."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     stats = StepStats()
@@ -648,8 +637,8 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
             batch, weight = stand_in_batch(model), 0.0
         # Every LLaSO record has audio, so the projector always gets a gradient (no find_unused_parameters).
         assert all((ids == M.AUDIO_ID).any() for ids in batch["input_ids"]), "a record without <audio>"
-        # DDP all-reduces once per step, on the last micro-batch. FSDP reduce-scatters every micro-batch: without
-        # that, each rank would accumulate a whole unsharded fp32 gradient of the LLM (12.9 GB) between syncs.
+        # DDP all-reduces on the last micro-batch; FSDP reduce-scatters every one, else each rank would accumulate a
+        # whole unsharded fp32 gradient of the LLM (12.9 GB) between syncs.
         sync = micro == cfg.grad_accum - 1 or not isinstance(wrapped, DDP)
         with nullcontext() if sync else wrapped.no_sync():
             with env.autocast():
