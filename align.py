@@ -79,8 +79,7 @@ class Config:
     encoder: str = knob(M.ModelConfig.encoder, "Whisper checkpoint, hub id or directory (default: the paper's "
                         "Whisper-large-v3; with --init the artifact's own encoder)")
     llm: str = knob(M.ModelConfig.llm, "causal LM + tokenizer, hub id or directory (default: Llama-3.2-3B-Instruct)")
-    projector: str = knob("", "stage-1 output directory or projector.safetensors to start the projector from",
-                          stage=2)
+    projector: str = knob("", "stage-1 output directory or projector.safetensors to start the projector from", stage=2)
     init: str = knob("", "fine-tune a whole model further: a stage-2 artifact or the released LLaSO-Base (instead "
                      "of --llm and --projector; it keeps its own encoder unless --encoder is given)", stage=2)
     out: str = knob("out/align", "output directory: log.jsonl, checkpoints, the final model")
@@ -102,8 +101,7 @@ class Config:
     save_every: int = knob(100, "checkpoint every this many optimizer steps (and at the end)")
     keep: int = knob(20, "how many of the newest checkpoints to keep")
     strict: bool = knob(False, "stop at the first unusable record instead of skipping and counting it")
-    compat_chunks: bool = knob(False, "cut long audio as the reference does (480,001-sample slices, one sample "
-                               "lost per full chunk)")
+    compat_chunks: bool = knob(False, "cut long audio as the reference: 480,001-sample slices, one lost per chunk")
     workers: int = knob(4, "DataLoader worker processes per device")
     index_dir: str = knob("", "folder for the corpus indexes (default: beside each corpus file where writable, else "
                           "the cache folder); for a corpus on read-only shared storage: each node's local disk")
@@ -119,10 +117,9 @@ class Config:
                       "chunk (default: the --projector/--init model's, else 1 = LLaSO)")
     trim_audio: bool = knob(False, "encode each clip at its real length, not padded to 30 s (stage 2 takes it from "
                             "its --projector/--init model)")
-    train_encoder: bool = knob(False, "train the Whisper encoder too (fp32 master weights; the artifact carries "
-                               "encoder/)", stage=2)
-    report_to: str = knob("none", "send each log.jsonl line and the config to a tracker, from rank 0 (wandb: "
-                          "WANDB_MODE=offline works; tensorboard: --out/tensorboard)",
+    train_encoder: bool = knob(False, "train Whisper's encoder too (fp32 master weights; saved as encoder/)", stage=2)
+    report_to: str = knob("none", "tracker rank 0 sends each log.jsonl line and the config to (wandb: also offline, "
+                          "with WANDB_MODE=offline; tensorboard: in --out/tensorboard)",
                           choices=["none", "wandb", "tensorboard"])
 
 
@@ -205,8 +202,7 @@ STAGE1 = Stage(number=1, trainable=lambda model: [model.projector], checkpointin
 
 
 def llm_positions(model: M.LLaSO, batch) -> list[int]:
-    """Sequence length each record has in the LLM: text ids plus its audio chunks' positions (1500 per chunk in
-    LLaSO; fewer with --stack / --trim-audio)."""
+    """Each record's sequence length in the LLM: text ids plus its audio chunks' positions (1500 a chunk in LLaSO)."""
     chunks, per_chunk, k, c, lengths = batch["audio_chunks"].tolist(), model.chunk_positions(batch), 0, 0, []
     for ids in batch["input_ids"]:
         n = int((ids == M.AUDIO_ID).sum())
@@ -291,8 +287,7 @@ class Env:
 
 
 def set_up(precision: str = "", tf32: bool = False) -> Env:
-    """torchrun's environment variables (or one plain process), the device, the precision ("" = bf16 on CUDA,
-    fp32 on CPU) and TF32."""
+    """torchrun's environment (or one plain process), the device, the precision ("" = bf16 on CUDA, else fp32), TF32."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("LOCAL_RANK", 0),
                                                                         ("WORLD_SIZE", 1)])
     cuda = torch.cuda.is_available()
@@ -508,8 +503,7 @@ def safe_load(path: Path, **kwargs):
 
 
 def find_resume(cfg: Config, settings: dict) -> tuple[Path, dict] | None:
-    """With --resume, the newest checkpoint in --out and its state (None: a fresh run, or no checkpoint yet),
-    refused if it was written with other settings."""
+    """With --resume, the newest checkpoint in --out and its state (else None), refused if its settings differ."""
     ckpts = checkpoints(Path(cfg.out))
     if not (cfg.resume and ckpts):
         return None
@@ -793,8 +787,7 @@ def trainable_weights(model: M.LLaSO, env: Env) -> dict:
 
 def save_checkpoint(cfg: Config, model: M.LLaSO, wrapped, optimizer, step: int, plan: Plan, skipped: list,
                     settings: dict, env: Env):
-    """Collective. Rank 0 writes into a temporary folder and renames it into place: a crash or a full disk mid-save
-    leaves the previous checkpoint as it was."""
+    """Collective. Rank 0 writes into a temporary folder, then renames it: a failed save keeps the previous one."""
     weights = trainable_weights(model, env)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (also under FSDP)
     optim = get_optimizer_state_dict(wrapped, optimizer, options=full)
