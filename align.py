@@ -18,10 +18,8 @@ Several nodes (run the same command on every node; HEAD = address of any one of 
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 --rdzv_id=align \
         align.py --data LLaSO-Align/ --audio-root /data/llaso/audio --out /shared/out/align
 
-Outputs in --out: log.jsonl (one line per optimizer step), ckpt-NNNNNNN/ (resumable checkpoints, the last --keep),
-and at the end projector.safetensors + llaso_config.json (LLaSO.load) and mm_audio_aligner.bin (the reference's
-format). A run never writes over an earlier one in --out: --resume continues it from its newest checkpoint (same
-batches, same losses; refused if a setting that changes the trajectory differs), --overwrite deletes it first.
+Outputs in --out (README, "align.py and instruct.py"): log.jsonl, ckpt-NNNNNNN/ (the last --keep), and at the end
+projector.safetensors + llaso_config.json (LLaSO.load) and mm_audio_aligner.bin (the reference's format).
 """
 
 import argparse
@@ -38,7 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
@@ -78,15 +76,12 @@ def knob(default, help: str, stage: int = 1, choices: tuple | None = None):
 class Config:
     data: list = knob([], "corpus JSON/JSONL files or folders (folders are searched recursively)")
     audio_root: str = knob("", "folder the records' audio paths are relative to")
-    encoder: str = knob(M.ModelConfig.encoder, "Whisper checkpoint: hub id or directory (default: the paper's "
+    encoder: str = knob(M.ModelConfig.encoder, "Whisper checkpoint, hub id or directory (default: the paper's "
                         "Whisper-large-v3; with --init the artifact's own encoder)")
-    llm: str = knob(M.ModelConfig.llm, "causal LM + tokenizer: hub id or directory (default: the paper's "
-                    "Llama-3.2-3B-Instruct)")
-    projector: str = knob("", "stage-1 output directory (or its projector.safetensors) to start the projector "
-                          "from", stage=2)
-    init: str = knob("", "continue fine-tuning a whole model: a stage-2 artifact or the released LLaSO-Base "
-                     "checkpoint (replaces --llm and --projector; it keeps its own encoder unless --encoder is "
-                     "given)", stage=2)
+    llm: str = knob(M.ModelConfig.llm, "causal LM + tokenizer, hub id or directory (default: Llama-3.2-3B-Instruct)")
+    projector: str = knob("", "stage-1 output directory or projector.safetensors to start the projector from", stage=2)
+    init: str = knob("", "fine-tune a whole model further: a stage-2 artifact or the released LLaSO-Base (instead "
+                     "of --llm and --projector; it keeps its own encoder unless --encoder is given)", stage=2)
     out: str = knob("out/align", "output directory: log.jsonl, checkpoints, the final model")
     overwrite: bool = knob(False, "delete the run already in --out (log, checkpoints, model) and start afresh")
     resume: bool = knob(False, "continue the run in --out from its newest checkpoint (same batches, same losses); "
@@ -98,46 +93,38 @@ class Config:
     betas: tuple = (0.9, 0.999)  # fields without help are fixed parts of the recipe, not flags
     eps: float = 1e-8
     weight_decay: float = 0.0
-    clip: float = knob(1.0, "max global gradient norm; 0 disables clipping (as the reference's run effectively "
-                       "did)")
+    clip: float = knob(1.0, "max global gradient norm; 0 = no clipping (as the reference's run effectively did)")
     epochs: int = knob(1, "passes over the data (unless --max-steps is given)")
-    max_steps: int = knob(0, "the run's length in optimizer steps, repeating epochs as needed (also the length "
-                          "of the LR schedule); 0 = --epochs passes")
-    stop_after: int = knob(0, "end this session after this step, schedule unchanged (for job time limits; "
-                           "--resume later)")
+    max_steps: int = knob(0, "run length (and LR schedule) in optimizer steps, repeating epochs; 0 = --epochs passes")
+    stop_after: int = knob(0, "end this session after this step, schedule unchanged (job time limits; --resume)")
     seed: int = knob(42, "seed of the data order and of the fresh projector")
     save_every: int = knob(100, "checkpoint every this many optimizer steps (and at the end)")
     keep: int = knob(20, "how many of the newest checkpoints to keep")
     strict: bool = knob(False, "stop at the first unusable record instead of skipping and counting it")
-    compat_chunks: bool = knob(False, "cut long audio as the reference does (480,001-sample slices, one sample "
-                               "lost per full chunk)")
+    compat_chunks: bool = knob(False, "cut long audio as the reference: 480,001-sample slices, one lost per chunk")
     workers: int = knob(4, "DataLoader worker processes per device")
-    index_dir: str = knob("", "folder for the corpus indexes, as data.py's --cache-dir (default: beside each corpus "
-                          "file where that folder is writable, else the cache folder); corpus on read-only shared "
-                          "storage: a folder on each node's local disk")
-    fsdp: bool = knob(False, "shard the LLM per decoder layer with FSDP2 (stage 2 on small GPUs) instead of plain "
-                      "DDP")
+    index_dir: str = knob("", "folder for the corpus indexes (default: beside each corpus file where writable, else "
+                          "the cache folder); for a corpus on read-only shared storage: each node's local disk")
+    fsdp: bool = knob(False, "shard the LLM per decoder layer with FSDP2 instead of plain DDP (stage 2, small GPUs)")
     peak_tflops: float = knob(0.0, "per-GPU peak bf16 TFLOP/s for the MFU column; 0 = guess from the GPU name")
-    precision: str = knob("", "bf16: frozen parts in bf16, trainable weights and AdamW state in fp32, compute under "
-                          "bf16 autocast (with --fsdp: bf16 gathers, fp32 gradient reduction); fp32: all fp32. "
-                          "Default: bf16 on CUDA, fp32 on CPU", choices=("bf16", "fp32"))
-    tf32: bool = knob(False, "TF32 for fp32 matmuls on CUDA (default off, as the reference's scripts state with "
-                      "--tf32 False; its train.py turns matmul TF32 back on afterwards, which --tf32 reproduces)")
+    precision: str = knob("", "bf16: frozen parts bf16, trainable weights and AdamW state fp32, bf16 autocast (--fsdp: "
+                          "bf16 gathers, fp32 reduction); fp32: all fp32 (default: bf16 on CUDA, fp32 on CPU)",
+                          choices=("bf16", "fp32"))
+    tf32: bool = knob(False, "TF32 for fp32 matmuls on CUDA (default off, as the reference's scripts state; its "
+                      "train.py turns matmul TF32 back on, which --tf32 reproduces)")
     # fewer audio tokens and the unfrozen encoder: not LLaSO, off by default (README "Fewer audio tokens")
     stack: int = knob(None, "concatenate K consecutive encoder frames per LLM position: 1500/K positions per 30 s "
-                      "chunk, projector input 1280 x K (default: the --projector/--init model's, else 1 = LLaSO)")
-    trim_audio: bool = knob(False, "encode each clip at its real length, not padded to 30 s: only real audio reaches "
-                            "the LLM (stage 2 takes it from its --projector/--init model)")
-    train_encoder: bool = knob(False, "train the Whisper encoder too, with the LLM and projector (fp32 master "
-                               "weights; the artifact carries encoder/)", stage=2)
-    report_to: str = knob("none", "experiment tracker that rank 0 sends each log.jsonl line and the config to "
-                          "(wandb: also offline with WANDB_MODE=offline; tensorboard: --out/tensorboard)",
+                      "chunk (default: the --projector/--init model's, else 1 = LLaSO)")
+    trim_audio: bool = knob(False, "encode each clip at its real length, not padded to 30 s (stage 2 takes it from "
+                            "its --projector/--init model)")
+    train_encoder: bool = knob(False, "train Whisper's encoder too (fp32 master weights; saved as encoder/)", stage=2)
+    report_to: str = knob("none", "tracker rank 0 sends each log.jsonl line and the config to (wandb: also offline, "
+                          "with WANDB_MODE=offline; tensorboard: in --out/tensorboard)",
                           choices=["none", "wandb", "tensorboard"])
 
 
-# The tiny preset: models that fit a CPU, the sample corpus, batches small enough for a few minutes. The tiny
-# random LLM learns nothing in minutes at the paper's learning rates, so they are raised, and a few epochs
-# over the 40 (stage 1) / 136 (stage 2) sample records make the loss curve visible.
+# The tiny preset: models that fit a CPU, the sample corpus, a few minutes. A tiny random LLM learns nothing in minutes
+# at the paper's learning rates, so they are raised; a few epochs over the 40 / 136 records show a loss curve.
 TINY = {
     1: dict(data=[str(SAMPLE / "LLaSO-Align/text_audio/ASR_stage1_train.json")], out="out/align",
             batch_size=2, grad_accum=2, lr=3e-3, epochs=5, save_every=10, keep=2, workers=1),
@@ -156,26 +143,21 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
         if "help" not in f.metadata or f.metadata["stage"] > stage:
             continue
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:  # an option on by default also gets its --no-... flag
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
-            parser.add_argument(flag, action=action, default=None, help=help)
+        if f.type is bool:  # every bool is off by default
+            parser.add_argument(flag, action="store_true", default=None, help=help)
         elif f.type is list:
             parser.add_argument(flag, nargs="+", help=help)
         else:
             parser.add_argument(flag, type=f.type, help=help, choices=f.metadata["choices"])
-    args = vars(parser.parse_args(argv))  # None = not given
-    cfg = config_class()
-    if args.pop("preset") == "tiny":
+    given = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
+    tiny = {}
+    if given.pop("preset") == "tiny":
         tiny = dict(TINY[stage], audio_root=str(SAMPLE / "audio"))
-        if not (args["encoder"] and args["llm"]) and not args.get("init"):
+        if not (given.get("encoder") and given.get("llm")) and not given.get("init"):
             models = M.preset("tiny")  # written once to $LLASO_CACHE
             tiny.update(encoder=models.encoder, llm=models.llm)
-        for key, value in tiny.items():
-            setattr(cfg, key, value)
-    for key, value in args.items():
-        if value is not None:
-            setattr(cfg, key, value)
-    if cfg.init and args["encoder"] is None:
+    cfg = config_class(**{**tiny, **given})  # a flag wins over the preset
+    if cfg.init and "encoder" not in given:
         cfg.encoder = ""  # the artifact's own encoder (LLaSO.load's choice)
     if not cfg.data or not cfg.audio_root:
         parser.error("--data and --audio-root are required (or use --preset tiny)")
@@ -183,24 +165,6 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
         parser.error("--resume continues the run in --out and --overwrite deletes it: give one of them")
     check_tracker(cfg.report_to)  # before any model is loaded
     return cfg
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Learning-rate schedule (the reference's HF cosine schedule, per optimizer step)
-
-
-def warmup_steps(total: int, ratio: float) -> int:
-    return math.ceil(ratio * total)
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """LR of optimizer step `step` (0-based): linear from 0 over `warmup` steps, then half a cosine to 0.
-
-    As in the reference, step 0 has LR 0 when there is warm-up."""
-    if step < warmup:
-        return peak * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,13 +193,8 @@ def save_stage1(model: M.LLaSO, out: Path):
         export_aligner(model, out)
 
 
-STAGE1 = Stage(
-    number=1,
-    trainable=lambda model: [model.projector],
-    order=lambda corpus, seed, global_batch, epoch: D.shuffled_order(len(corpus), seed, epoch),
-    checkpointing=False,
-    save=save_stage1,
-)
+STAGE1 = Stage(number=1, trainable=lambda model: [model.projector], checkpointing=False, save=save_stage1,
+               order=lambda corpus, seed, global_batch, epoch: D.shuffled_order(len(corpus), seed, epoch))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,8 +202,7 @@ STAGE1 = Stage(
 
 
 def llm_positions(model: M.LLaSO, batch) -> list[int]:
-    """Sequence length each record has in the LLM: text ids plus its audio chunks' positions (1500 per chunk in
-    LLaSO; fewer with --stack / --trim-audio)."""
+    """Each record's sequence length in the LLM: text ids plus its audio chunks' positions (1500 a chunk in LLaSO)."""
     chunks, per_chunk, k, c, lengths = batch["audio_chunks"].tolist(), model.chunk_positions(batch), 0, 0, []
     for ids in batch["input_ids"]:
         n = int((ids == M.AUDIO_ID).sum())
@@ -254,29 +212,19 @@ def llm_positions(model: M.LLaSO, batch) -> list[int]:
     return lengths
 
 
-def matmul_weights(module: torch.nn.Module) -> int:
-    """Weights of the module's linear layers: each does one multiply-add per weight and position."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
-
-
 def batch_flops(model: M.LLaSO, batch, train_llm: bool) -> float:
     """Model FLOPs of one micro-batch: 2 per multiply-add of every matmul (weights x positions; attention's QK^T
-    and AV over the whole T x T square, as PaLM counts them), no activation recompute, no padding.
-
-    A part costs its forward F, plus F for the gradient of its input when a part before it trains, plus F for the
-    gradient of its weights when they train; attention's backward (dQ, dK, dV) is 2F wherever a gradient passes.
-    Stage 1: the frozen LLM still passes the gradient down to the projector, so its linear layers cost 2F and its
-    attention 3F; the projector's first layer needs no input gradient (the frozen encoder's output). Stage 2 (and
-    --train-encoder) trains what follows: 3F. The LM head runs at supervised positions only, as
-    LLaSO.forward computes it."""
+    and AV over the whole T x T square, as PaLM counts them), no activation recompute, no padding (README, MFU).
+    A part costs its forward F, + F for its input's gradient when a part before it trains, + F for its weights'
+    gradient when they train; attention's backward (dQ, dK, dV) costs 2F wherever a gradient passes."""
     enc, llm = model.encoder.config, model.llm.config
     train_encoder = model.encoder.conv1.weight.requires_grad  # --train-encoder
 
-    def cost(forward: float, trains: bool, input_grad: bool) -> float:
+    def cost(forward: float, trains: bool, input_grad: bool) -> float:  # attention: trains = input_grad = gradient
         return forward * (1 + trains + input_grad)
 
-    def attention(forward: float, gradient_passes: bool) -> float:
-        return forward * (3 if gradient_passes else 1)
+    def matmul_weights(module: torch.nn.Module) -> int:  # each linear layer: one multiply-add per weight and position
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
     # log-mel frames and encoder positions per chunk (3000 and 1500, or a trimmed chunk's own)
     frames = model.real_frames(batch) or [M.MEL_FRAMES_PER_CHUNK] * len(batch["mels"])
@@ -284,23 +232,22 @@ def batch_flops(model: M.LLaSO, batch, train_llm: bool) -> float:
     encoder = (cost(2 * model.encoder.conv1.weight.numel() * sum(frames), train_encoder, False)
                + cost(2 * model.encoder.conv2.weight.numel() * sum(encoded), train_encoder, train_encoder)
                + cost(2 * matmul_weights(model.encoder.layers) * sum(encoded), train_encoder, train_encoder)
-               + attention(4 * enc.encoder_layers * enc.d_model * sum(t * t for t in encoded), train_encoder))
+               + cost(4 * enc.encoder_layers * enc.d_model * sum(t * t for t in encoded), train_encoder, train_encoder))
     projected = sum(model.chunk_positions(batch))  # fewer with --stack / --trim-audio
     first, second = model.projector[0].weight.numel(), model.projector[2].weight.numel()
     projector = cost(2 * first * projected, True, train_encoder) + cost(2 * second * projected, True, True)
     lengths = llm_positions(model, batch)
-    supervised = sum(int((labels != M.IGNORE).sum()) for labels in batch["labels"])
+    supervised = sum(int((labels != M.IGNORE).sum()) for labels in batch["labels"])  # the LM head's (LLaSO.forward)
     attention_width = llm.num_attention_heads * (getattr(llm, "head_dim", None)
                                                  or llm.hidden_size // llm.num_attention_heads)
     decoder = (cost(2 * matmul_weights(model.llm.model.layers) * sum(lengths), train_llm, True)
-               + attention(4 * llm.num_hidden_layers * attention_width * sum(t * t for t in lengths), True)
+               + cost(4 * llm.num_hidden_layers * attention_width * sum(t * t for t in lengths), True, True)
                + cost(2 * model.llm.get_output_embeddings().weight.numel() * supervised, train_llm, True))
     return encoder + projector + decoder
 
 
-# Dense bf16 tensor-core TFLOP/s by torch.cuda.get_device_name() (e.g. "NVIDIA H100 80GB HBM3" is the SXM card,
-# "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA A100-SXM4-80GB"): (model, variant or "" for any other, TFLOP/s),
-# the first match wins.
+# Dense bf16 tensor-core TFLOP/s by the words of torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3" is the SXM
+# card, "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB"): (model, variant or "" for any other, TFLOP/s), first match wins.
 PEAK_TFLOPS = [("H100", "PCIE", 756), ("H100", "NVL", 835), ("H100", "", 989), ("H200", "NVL", 835),
                ("H200", "", 989), ("GH200", "", 989), ("H800", "PCIE", 756), ("H800", "", 989), ("A100", "", 312),
                ("A800", "", 312), ("L40S", "", 362)]
@@ -314,9 +261,7 @@ def gpu_peak_tflops(name: str) -> float:
 
 
 def peak_flops(cfg: Config) -> float:
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    return gpu_peak_tflops(torch.cuda.get_device_name()) * 1e12
+    return (cfg.peak_tflops or gpu_peak_tflops(torch.cuda.get_device_name())) * 1e12
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,31 +276,18 @@ class Env:
     world: int
     distributed: bool
     device: torch.device
-    # "bf16": frozen weights in bf16; trainable weights (and so AdamW's state) fp32, computed in bf16 under autocast;
-    # the same on CPU, so tests run the GPU's policy. "fp32": everything fp32.
-    precision: str
+    precision: str  # "bf16" or "fp32" (--precision); bf16 on CPU too, so the tests run the GPU's policy
 
     master = property(lambda self: self.rank == 0)
     cuda = property(lambda self: self.device.type == "cuda")
     frozen_dtype = property(lambda self: torch.bfloat16 if self.precision == "bf16" else torch.float32)
 
     def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
-
-def set_tf32(on: bool):
-    """Off by default: the reference's scripts pass --tf32 False (HF applies it to matmuls and cuDNN). Its train.py
-    then sets matmul allow_tf32 = True anyway; --tf32 reproduces that. Only CUDA reads these flags, and under bf16
-    autocast few fp32 matmuls remain; with --precision fp32 on a GPU this is the difference that matters."""
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = False
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
 def set_up(precision: str = "", tf32: bool = False) -> Env:
-    """torchrun's environment variables (or one plain process), the device, the precision ("" = bf16 on CUDA,
-    fp32 on CPU) and TF32."""
+    """torchrun's environment (or one plain process), the device, the precision ("" = bf16 on CUDA, else fp32), TF32."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("LOCAL_RANK", 0),
                                                                         ("WORLD_SIZE", 1)])
     cuda = torch.cuda.is_available()
@@ -364,7 +296,10 @@ def set_up(precision: str = "", tf32: bool = False) -> Env:
         raise SystemExit(f"{torch.cuda.get_device_name()} has no bf16: pass --precision fp32")
     env = Env(rank, local_rank, world, distributed="RANK" in os.environ,
               device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"), precision=precision)
-    set_tf32(tf32)
+    # The reference's scripts pass --tf32 False (HF applies it to matmuls and cuDNN); its train.py then turns matmul
+    # TF32 back on, which --tf32 reproduces. Only CUDA reads these flags.
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = False
     if cuda:
         torch.cuda.set_device(env.device)
     if env.distributed:  # generous timeout: rank 0 may index a 12M-record corpus while the others wait
@@ -415,9 +350,8 @@ def prepare_out(cfg: Config, env: Env) -> Path:
 
 
 def audio_options(cfg: Config) -> tuple[int, bool]:
-    """--stack and --trim-audio. A stage-2 run takes them from the model it starts from (--init, or the stage-1
-    artifact given as --projector): its projector was trained on those positions. A flag that asks otherwise is
-    refused."""
+    """--stack and --trim-audio. Stage 2 takes them from the model it starts from (--init, or the stage-1 artifact
+    given as --projector): its projector was trained on those positions. A flag that asks otherwise is refused."""
     source = cfg.init or cfg.projector
     saved = M.saved_audio_options(source) if source else None  # None: nothing recorded
     stack = cfg.stack if cfg.stack is not None else saved[0] if saved else 1
@@ -434,29 +368,25 @@ def trainable_encoder(model: M.LLaSO) -> list:  # --train-encoder
     return [model.encoder.conv1, model.encoder.conv2, model.encoder.layers, model.encoder.layer_norm]
 
 
-def part_dtypes(cfg: Config, stage: Stage, env: Env) -> tuple[torch.dtype, torch.dtype]:
-    """(encoder, LLM) dtypes: fp32 where the part trains (master weights), the precision's frozen dtype elsewhere."""
-    llm_dtype = torch.float32 if stage.number == 2 else env.frozen_dtype
-    encoder_dtype = torch.float32 if cfg.train_encoder else env.frozen_dtype  # trained: fp32 master weights
-    return encoder_dtype, llm_dtype
+def load_model(cfg: Config, stage: Stage, env: Env, projector: str = "") -> M.LLaSO:
+    """--init's model, or the parts with --projector's projector (else a fresh one), each part in fp32 where it
+    trains (master weights), else in the precision's frozen dtype."""
+    dtypes = dict(encoder_dtype=torch.float32 if cfg.train_encoder else env.frozen_dtype,
+                  llm_dtype=torch.float32 if stage.number == 2 else env.frozen_dtype)
+    if cfg.init:
+        return M.LLaSO.load(cfg.init, encoder=cfg.encoder or None, **dtypes)
+    if projector and Path(projector).is_dir():
+        projector = str(Path(projector) / "projector.safetensors")
+    try:  # e.g. a projector file of another --stack: one clear line, not a traceback
+        return M.LLaSO.from_parts(M.ModelConfig(encoder=cfg.encoder, llm=cfg.llm, stack=cfg.stack,
+                                                trim_audio=cfg.trim_audio), projector=projector or None, **dtypes)
+    except ValueError as error:
+        raise SystemExit(f"cannot build the model: {error}") from None
 
 
 def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
     torch.manual_seed(cfg.seed)  # the fresh projector is the same on every rank
-    encoder_dtype, llm_dtype = part_dtypes(cfg, stage, env)
-    if cfg.init:
-        model = M.LLaSO.load(cfg.init, encoder=cfg.encoder or None, encoder_dtype=encoder_dtype,
-                             llm_dtype=llm_dtype)
-    else:
-        projector = cfg.projector
-        if projector and Path(projector).is_dir():
-            projector = str(Path(projector) / "projector.safetensors")
-        try:  # e.g. a projector file of another --stack: one clear line, not a traceback
-            model = M.LLaSO.from_parts(M.ModelConfig(encoder=cfg.encoder, llm=cfg.llm, stack=cfg.stack,
-                                                     trim_audio=cfg.trim_audio), projector=projector or None,
-                                       encoder_dtype=encoder_dtype, llm_dtype=llm_dtype)
-        except ValueError as error:
-            raise SystemExit(f"cannot build the model: {error}") from None
+    model = load_model(cfg, stage, env, cfg.projector)
     model.requires_grad_(False)
     for module in stage.trainable(model) + (trainable_encoder(model) if cfg.train_encoder else []):
         module.requires_grad_(True)
@@ -474,16 +404,14 @@ def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: the corpus index, the run's length in steps, the micro-batches of each step
+# Data: the corpus index, the run's length in steps and its LR schedule, the micro-batches of each step
 
 
 def load_corpus(cfg: Config, env: Env) -> D.Corpus:
-    """Each index is built once where it is kept, while the other ranks wait: rank 0 first; then the first rank of
-    every other node, which finds rank 0's index if the nodes share where it is kept (the corpus's folder on shared
-    storage) and builds its node's own if not (--index-dir on local disk); then every other rank reads its node's.
-    A file that is not a JSON list of records, nor JSONL, ends the run with one line naming file, record and byte."""
-    # Every rank passes two barriers: rank 0 opens the corpus before the first, the first rank of each other node
-    # between them, every other rank after the second.
+    """Each index is built once where it is kept, the others waiting at two barriers: rank 0 opens the corpus first,
+    then the first rank of each other node (finding rank 0's index on shared storage, else building its node's, e.g.
+    in a local --index-dir), then the rest. A file that is neither a JSON list nor JSONL ends the run with one line
+    naming file, record and byte."""
     turn = 0 if env.master else 1 if env.local_rank == 0 else 2
     for _ in range(turn if env.distributed else 0):
         dist.barrier()
@@ -518,6 +446,19 @@ def plan_steps(cfg: Config, records: int, env: Env) -> Plan:
     return Plan(global_batch, steps_per_epoch, total, warmup_steps(total, cfg.warmup_ratio), end)
 
 
+def warmup_steps(total: int, ratio: float) -> int:
+    return math.ceil(ratio * total)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """LR of optimizer step `step` (0-based), the reference's HF cosine schedule: linear from 0 over `warmup` steps
+    (step 0 has LR 0 when there is warm-up), then half a cosine to 0."""
+    if step < warmup:
+        return peak * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 def micro_batches(stage: Stage, corpus, dataset, cfg: Config, plan: Plan, env: Env, first_step: int):
     """This rank's micro-batches from optimizer step `first_step` on, for as many epochs as the run needs: step t
     of the run is step t % steps_per_epoch of epoch t // steps_per_epoch, each epoch in its own order."""
@@ -537,12 +478,10 @@ def stand_in_batch(model: M.LLaSO) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Resume: a checkpoint continues only the run that wrote it. Trainable weights go in before wrapping, the
-# optimizer state after.
+# Resume: a checkpoint continues only the run that wrote it (weights before wrapping, optimizer state after)
 
-# Settings a resumed run may change: none of them moves the training trajectory. Every other Config field and
-# every fact run_settings adds must be what the checkpoint recorded. grad_accum may trade against the number of
-# ranks (the same micro-batches, more or fewer per rank): global_batch and batch_size must match.
+# Settings a resumed run may change, as none moves the trajectory; every other Config field and run_settings fact must
+# match. grad_accum may trade against the number of ranks (the same micro-batches): not global_batch, batch_size.
 MAY_CHANGE = {"workers", "save_every", "keep", "stop_after", "resume", "overwrite", "strict", "peak_tflops", "out",
               "grad_accum", "report_to", "index_dir"}
 
@@ -564,20 +503,18 @@ def safe_load(path: Path, **kwargs):
 
 
 def find_resume(cfg: Config, settings: dict) -> tuple[Path, dict] | None:
-    """The newest checkpoint in --out and its state when resuming (none yet: the run starts at step 0), refused if
-    it was written with other settings."""
-    out = Path(cfg.out)
-    if not (cfg.resume and checkpoints(out)):
+    """With --resume, the newest checkpoint in --out and its state (else None), refused if its settings differ."""
+    ckpts = checkpoints(Path(cfg.out))
+    if not (cfg.resume and ckpts):
         return None
-    ckpt = checkpoints(out)[-1]
-    saved = json.loads((ckpt / "config.json").read_text())
+    saved = json.loads((ckpts[-1] / "config.json").read_text())
     changed = [f"  {key}: {saved.get(key, '(not recorded)')} -> {value}" for key, value in settings.items()
                if key not in MAY_CHANGE and saved.get(key, "(not recorded)") != value]
     if changed:
-        raise SystemExit(f"--resume: {ckpt} was written with other settings, and these change the training "
+        raise SystemExit(f"--resume: {ckpts[-1]} was written with other settings, and these change the training "
                          "trajectory (checkpoint -> now):\n" + "\n".join(changed) + "\nResume with the "
                          "checkpoint's settings, or start a new run (another --out, or --overwrite).")
-    return ckpt, safe_load(ckpt / "state.pt")
+    return ckpts[-1], safe_load(ckpts[-1] / "state.pt")
 
 
 def rng_states() -> dict:
@@ -598,8 +535,9 @@ def set_rng_states(states: dict):
     np.random.set_state(tuple(states["numpy"]))
 
 
-def restore_model(model: M.LLaSO, names: list[str], ckpt: Path, state: dict, env: Env):
+def restore_model(model: M.LLaSO, ckpt: Path, state: dict, env: Env):
     """Trainable weights and, on as many ranks as before, this rank's RNG states."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # tied embeddings appear once
     weights = load_file(ckpt / "trainable.safetensors", device=str(next(model.parameters()).device))  # FSDP: CPU
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and not set(names) & set(missing), (unexpected, missing)
@@ -622,17 +560,12 @@ def wrap(model: M.LLaSO, cfg: Config, env: Env):
     if cfg.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        # bf16: each layer is gathered in bf16 for its forward and backward, gradients are reduce-scattered in fp32
-        # into the fp32 shards (the master weights); the same policy on CPU.
+        # bf16: units gathered in bf16, gradients reduce-scattered in fp32 into the fp32 shards (master weights).
+        # The model is still on the CPU: fully_shard moves one unit at a time, so no GPU holds the whole LLM.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kwargs = {"mp_policy": mp} if env.precision == "bf16" else {}
-        # The model is still on the CPU: fully_shard moves each unit to the device, shards it there and frees the
-        # whole copy before the next unit, so no GPU ever holds the whole LLM.
-        for layer in model.llm.model.layers:
-            fully_shard(layer, **kwargs)
-        if cfg.train_encoder:  # a trained encoder is sharded like the LLM, per layer
-            for layer in model.encoder.layers:
-                fully_shard(layer, **kwargs)
+        for layer in [*model.llm.model.layers, *(model.encoder.layers if cfg.train_encoder else [])]:
+            fully_shard(layer, **kwargs)  # a trained encoder is sharded like the LLM, per layer
         # The root is LLaSO itself: its forward looks up the (sharded) token embeddings outside llm.forward.
         frozen = None if cfg.train_encoder else set(model.encoder.parameters())
         fully_shard(model, ignored_params=frozen, **kwargs)
@@ -665,37 +598,41 @@ class StepStats:
         dist.all_reduce(values)
         return StepStats(*(type(getattr(self, f.name))(v) for f, v in zip(fields(self), values.tolist())))
 
-
-def note_problems(batch: dict, stats: StepStats, skipped: list, rank: int):
-    """Count (and list) the micro-batch's unusable records and its records whose audio was cut."""
-    for file, record_no, reason in batch["skipped"]:
-        skipped.append((file, record_no, reason))
-        tqdm.write(f"[rank {rank}] skipped {file} record {record_no}: {reason}", file=sys.stderr)
-    for file, record_no, what in batch["cut"]:
-        tqdm.write(f"[rank {rank}] audio cut in {file} record {record_no}: {what}", file=sys.stderr)
-    stats.skipped += len(batch["skipped"])
-    stats.audio_cut += len(batch["cut"])
+    def record(self, step: int, lr: float, norm: float | None, seconds: float, peak: float) -> dict:
+        """The step's line in log.jsonl. A step without a usable record has no loss and is marked "skipped_step"."""
+        record = {"step": step, "loss": self.loss_sum / self.usable if self.usable else None, "lr": lr,
+                  "grad_norm": norm, "tokens_per_s": self.positions / seconds, "step_s": seconds,
+                  "skipped": self.skipped, "audio_cut": self.audio_cut}
+        if not self.usable:
+            record["skipped_step"] = True
+        if peak:
+            record["mfu"] = self.flops / seconds / peak
+        return record
 
 
 def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: list, cfg: Config, env: Env,
                flops_of: Callable | None) -> tuple[StepStats, float | None]:
-    """grad_accum micro-batches forward and backward, then clipping and AdamW.
-
-    The step's gradient is that of the mean loss over the usable micro-batches of all ranks. A step in which no
-    rank had a usable record changes no weight and no optimizer state (and has no gradient norm)."""
+    """grad_accum micro-batches forward and backward, then clipping and AdamW. The gradient is that of the mean loss
+    over the usable micro-batches of all ranks; with none on any rank, no weight and no optimizer state changes."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     stats = StepStats()
     for micro in range(cfg.grad_accum):
         batch = next(batches)
-        note_problems(batch, stats, skipped, env.rank)
+        for file, record_no, reason in batch["skipped"]:
+            skipped.append((file, record_no, reason))
+            tqdm.write(f"[rank {env.rank}] skipped {file} record {record_no}: {reason}", file=sys.stderr)
+        for file, record_no, what in batch["cut"]:
+            tqdm.write(f"[rank {env.rank}] audio cut in {file} record {record_no}: {what}", file=sys.stderr)
+        stats.skipped += len(batch["skipped"])
+        stats.audio_cut += len(batch["cut"])
         weight = 1.0
         if not batch["input_ids"]:  # every record unusable: keep the collectives in step, add nothing
             batch, weight = stand_in_batch(model), 0.0
         # Every LLaSO record has audio, so the projector always gets a gradient (no find_unused_parameters).
         assert all((ids == M.AUDIO_ID).any() for ids in batch["input_ids"]), "a record without <audio>"
-        # DDP all-reduces once per step, on the last micro-batch. FSDP reduce-scatters every micro-batch: without
-        # that, each rank would accumulate a whole unsharded fp32 gradient of the LLM (12.9 GB) between syncs.
+        # DDP all-reduces on the last micro-batch; FSDP reduce-scatters every one, else each rank would accumulate a
+        # whole unsharded fp32 gradient of the LLM (12.9 GB) between syncs.
         sync = micro == cfg.grad_accum - 1 or not isinstance(wrapped, DDP)
         with nullcontext() if sync else wrapped.no_sync():
             with env.autocast():
@@ -721,23 +658,8 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
     return stats, norm.item()
 
 
-def step_record(step: int, stats: StepStats, lr: float, norm: float | None, seconds: float, peak: float) -> dict:
-    """The step's line in log.jsonl. A step without a usable record has no loss and is marked "skipped_step"."""
-    record = {"step": step, "loss": stats.loss_sum / stats.usable if stats.usable else None, "lr": lr,
-              "grad_norm": norm, "tokens_per_s": stats.positions / seconds, "step_s": seconds,
-              "skipped": stats.skipped, "audio_cut": stats.audio_cut}
-    if not stats.usable:
-        record["skipped_step"] = True
-    if peak:
-        record["mfu"] = stats.flops / seconds / peak
-    return record
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Experiment tracking (--report-to): rank 0 sends every log.jsonl line to wandb or TensorBoard
-
-
-TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
+# Log (log.jsonl, and with --report-to every line to wandb or TensorBoard), checkpoints, final artifact
 
 
 def check_tracker(kind: str):
@@ -745,17 +667,16 @@ def check_tracker(kind: str):
     if kind == "none":
         return
     try:
-        importlib.import_module(TRACKER_PACKAGES[kind])
+        importlib.import_module(kind)  # the package is named as the tracker
     except ImportError:
-        raise SystemExit(f"--report-to {kind} needs the {TRACKER_PACKAGES[kind]} package: pip install "
-                         f"{TRACKER_PACKAGES[kind]} (or pip install -r requirements-extras.txt)") from None
+        raise SystemExit(f"--report-to {kind} needs the {kind} package: pip install {kind} (or pip install -r "
+                         "requirements-extras.txt)") from None
 
 
 class Tracker:
-    """--out/tracker.json holds the tracked run's id and the last step sent, so --resume continues the same run
-    (same wandb id, same TensorBoard folder) and no step is there twice. TensorBoard replaces the steps after the
-    checkpoint (purge_step), as log.jsonl does; wandb cannot, so the steps a resumed run repeats are not sent
-    again (their losses are the same: resume is exact; only their timings differ)."""
+    """--out/tracker.json holds the tracked run's id and the last step sent, so --resume continues the same run (same
+    wandb id, TensorBoard folder) with no step twice: TensorBoard replaces the steps after the checkpoint (purge_step),
+    as log.jsonl does; wandb cannot, so steps a resumed run repeats are not sent again (resume is exact)."""
 
     def __init__(self, kind: str, out: Path, config: dict, master: bool, step: int):
         self.kind, self.path = (kind if master else "none"), out / "tracker.json"
@@ -802,23 +723,14 @@ class Tracker:
             self.run.close()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Log, checkpoints, final artifact
-
-
 class RunLog:
-    """log.jsonl (one JSON line per optimizer step) and the progress bar, on rank 0."""
+    """log.jsonl (one JSON line per optimizer step) and the progress bar, on rank 0. A resumed run keeps the lines up
+    to its checkpoint (and drops a last line torn by a kill mid-write), replacing the file in one rename: a crash
+    then leaves the old log whole."""
 
     def __init__(self, out: Path, step: int, end: int, stage: int, master: bool, tracker: "Tracker"):
         self.path, self.master, self.tracker = out / "log.jsonl", master, tracker
-        if master:
-            self.start(step)
-        self.progress = tqdm(total=end, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
-
-    def start(self, step: int):
-        """A resumed run keeps the lines up to its checkpoint (and drops a last line torn by a kill mid-write); the
-        file is replaced in one rename, so a crash now leaves the old log whole."""
-        lines = self.path.read_text(errors="replace").splitlines() if step and self.path.exists() else []
+        lines = self.path.read_text(errors="replace").splitlines() if master and step and self.path.exists() else []
         kept = []
         for n, line in enumerate(lines, 1):
             try:
@@ -827,9 +739,11 @@ class RunLog:
             except ValueError:
                 if n < len(lines):
                     raise SystemExit(f"{self.path} line {n} is not JSON: fix or delete it, then --resume") from None
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        if master:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+        self.progress = tqdm(total=end, initial=step, disable=not master, desc=f"stage {stage}", dynamic_ncols=True)
 
     def write(self, record: dict):
         if not self.master:
@@ -844,18 +758,24 @@ class RunLog:
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
 
 
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # torch.save reports a failed write as a RuntimeError
-
-
-def write_error(what: Path, error: Exception, intact: str) -> SystemExit:
-    return SystemExit(f"could not write {what}: {error}. {intact} Free some space (or fix the folder's "
-                      "permissions), then rerun with --resume.")
+@contextmanager
+def temporary_folder(out: Path, prefix: str, what: Path, intact: str):
+    """A fresh folder in `out` to write into, then to be renamed into place. A failed write removes it and ends the
+    run naming `what` and what is `intact` (torch.save reports a failed write as a RuntimeError)."""
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=prefix))
+        yield tmp
+    except (OSError, RuntimeError, SafetensorError) as error:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"could not write {what}: {error}. {intact} Free some space (or fix the folder's "
+                         "permissions), then rerun with --resume.") from None
 
 
 def trainable_weights(model: M.LLaSO, env: Env) -> dict:
-    """Collective: the trainable weights, whole, in rank 0's CPU memory (an empty dict on the other ranks). Only
-    these are gathered: stage 1's 13M-parameter projector, not the frozen LLM and encoder around it (7.7 GB in
-    bf16). Under FSDP every rank gathers each sharded parameter (full_tensor), in the same order."""
+    """Collective: the trainable weights, whole, in rank 0's CPU memory ({} elsewhere); only these are gathered (stage
+    1: the 13M-parameter projector, not the frozen 7.7 GB around it). Under FSDP every rank gathers each shard."""
     weights = {}
     for name, p in model.named_parameters():  # a tied weight (the LM head) appears once
         if p.requires_grad:
@@ -867,29 +787,23 @@ def trainable_weights(model: M.LLaSO, env: Env) -> dict:
 
 def save_checkpoint(cfg: Config, model: M.LLaSO, wrapped, optimizer, step: int, plan: Plan, skipped: list,
                     settings: dict, env: Env):
-    """Collective: every rank calls it. Rank 0 writes into a temporary folder and renames it into place, so a
-    crash or a full disk mid-save leaves the previous checkpoint as it was."""
+    """Collective. Rank 0 writes into a temporary folder, then renames it: a failed save keeps the previous one."""
     weights = trainable_weights(model, env)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (also under FSDP)
     optim = get_optimizer_state_dict(wrapped, optimizer, options=full)
     per_rank = gather((rng_states(), skipped), env)
     if env.master:
-        out, tmp = Path(cfg.out), None
+        out = Path(cfg.out)
         final, previous = out / f"ckpt-{step:07d}", checkpoints(out)
         sampler = {"epoch": step // plan.steps_per_epoch, "start_step": step % plan.steps_per_epoch,
                    "global_batch": plan.global_batch, "seed": cfg.seed}
-        try:
-            tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-"))
+        intact = f"The previous checkpoint, {previous[-1] if previous else 'none'}, is intact."
+        with temporary_folder(out, ".tmp-ckpt-", final, intact) as tmp:
             save_file(weights, tmp / "trainable.safetensors")
             torch.save(optim, tmp / "optimizer.pt")
             torch.save({"step": step, "sampler": sampler, "world": env.world, "rng": [r for r, _ in per_rank],
                         "skipped": [list(s) for _, ss in per_rank for s in ss]}, tmp / "state.pt")
             (tmp / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
-        except WRITE_ERRORS as error:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise write_error(final, error, f"The previous checkpoint, {previous[-1] if previous else 'none'}, is "
-                              "intact.") from None
         if final.exists():  # re-running a step after resuming from an older checkpoint
             shutil.rmtree(final)
         tmp.rename(final)
@@ -899,41 +813,26 @@ def save_checkpoint(cfg: Config, model: M.LLaSO, wrapped, optimizer, step: int, 
         dist.barrier()
 
 
-def publish(tmp: Path, out: Path):
-    """Move a finished model from tmp into out. llaso_config.json, which LLaSO.load reads first, goes first and
-    comes back last: a crash in between leaves no half-replaced model that loads."""
+def save_final(cfg: Config, stage: Stage, model: M.LLaSO, env: Env):
+    """Collective: the stage's model in --out, written into a temporary folder, then moved in. llaso_config.json,
+    which LLaSO.load reads first, goes first and comes back last: a crash leaves no half-replaced model that loads."""
+    if cfg.fsdp:  # FSDP keeps only shards: rank 0 puts the gathered trainable weights into a copy on the CPU
+        weights = trainable_weights(model, env)
+        if env.master:
+            own_encoder, model = model.own_encoder, load_model(cfg, stage, env)  # fresh projector: replaced next
+            model.load_state_dict(weights, strict=False)
+            model.own_encoder = own_encoder
+    if not env.master:
+        return
+    out = Path(cfg.out)
+    with temporary_folder(out, ".tmp-model-", out, "The checkpoints are intact.") as tmp:
+        stage.save(model, tmp)
     (out / "llaso_config.json").unlink(missing_ok=True)
     for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "llaso_config.json"):
         if (out / entry.name).is_dir():
             shutil.rmtree(out / entry.name)
         os.replace(entry, out / entry.name)
     tmp.rmdir()
-
-
-def save_final(cfg: Config, stage: Stage, model: M.LLaSO, env: Env):
-    """Collective: the stage's model in --out, written like a checkpoint (into a temporary folder, then moved)."""
-    if cfg.fsdp:  # FSDP keeps only shards: rank 0 puts the gathered trainable weights into a copy on the CPU
-        weights = trainable_weights(model, env)
-        if not env.master:
-            return
-        own_encoder = model.own_encoder
-        encoder_dtype, llm_dtype = part_dtypes(cfg, stage, env)
-        model = (M.LLaSO.load(cfg.init, encoder=cfg.encoder or None, encoder_dtype=encoder_dtype,
-                              llm_dtype=llm_dtype) if cfg.init
-                 else M.LLaSO.from_parts(model.config, encoder_dtype=encoder_dtype, llm_dtype=llm_dtype))
-        model.load_state_dict(weights, strict=False)
-        model.own_encoder = own_encoder
-    elif not env.master:
-        return
-    out, tmp = Path(cfg.out), None
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-model-"))
-        stage.save(model, tmp)
-    except WRITE_ERRORS as error:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(out, error, "The checkpoints are intact.") from None
-    publish(tmp, out)
     print(f"wrote the stage-{stage.number} model to {out}")
 
 
@@ -958,9 +857,8 @@ def train(cfg: Config, stage: Stage):
     resume = find_resume(cfg, settings)  # None: a fresh run
 
     model = build_model(cfg, stage, env)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]  # tied embeddings appear once
     if resume:
-        restore_model(model, names, *resume, env)
+        restore_model(model, *resume, env)
     dataset = D.LLaSODataset(corpus, model.tokenizer, model.features, cfg.audio_root, strict=cfg.strict,
                              max_len=model.config.max_text_len, compat_chunks=cfg.compat_chunks)
     wrapped = wrap(model, cfg, env)
@@ -989,7 +887,7 @@ def train(cfg: Config, stage: Stage):
             if env.cuda:
                 torch.cuda.synchronize()
             step += 1
-            log.write(step_record(step, stats, lr, norm, time.time() - t0, peak))
+            log.write(stats.record(step, lr, norm, time.time() - t0, peak))
             if step % cfg.save_every == 0 or step == plan.end:
                 save_checkpoint(cfg, model, wrapped, optimizer, step, plan, skipped, settings, env)
     tracker.close()
