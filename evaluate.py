@@ -1,7 +1,6 @@
-"""LLaSO-Eval for llaso-mini: generation of every test file, then scoring; and one-off answers.
+"""LLaSO-Eval for llaso-mini: greedy answers to every test file, then their scores; and one-off answers.
 
-Generate as the reference does (greedy, 256 new tokens, stop on <|eot_id|>/<|eom_id|>/<|end_of_text|>, new tokens
-decoded without special tokens and stripped), then score the results directory:
+Generation, then scoring of --out (README "evaluate.py": decoding, batching, precision, resuming, bad records):
 
     python evaluate.py --preset tiny                                   # sample eval set, out/instruct -> out/eval
     python evaluate.py --ckpt out/instruct --data LLaSO-Eval --audio-root /data/llaso --out results/llaso-mini
@@ -9,45 +8,19 @@ decoded without special tokens and stripped), then score the results directory:
         --data LLaSO-Eval --audio-root /data/llaso --out results/llaso-base       # the released checkpoint
     torchrun --nproc_per_node=8 evaluate.py --ckpt ... --data ... --audio-root ... --out ...   # one node, 8 GPUs
 
---data takes test files or folders (searched recursively for *_test.json). Each test file gives RESULTS_DIR/<same
-name>: its records, in input order, with all their fields plus "answer" (JSON, indent 2, UTF-8). A record that
-cannot be evaluated (missing or unreadable audio, malformed record) is never dropped: it gets "answer": "" and an
-"error" naming file, record and reason; the scorer counts it as an empty answer and lists it in scores.md.
-bf16 on CUDA (as the reference), fp32 on CPU; --precision bf16/fp32 chooses (bf16 runs on a CPU too).
-
-Batching: LLaSO.generate left-pads with position ids that skip the pads, so a record's answer does not depend on
-its batch (tested in fp32; in bf16 a rare near-tie may flip a token: --batch-size 1 is the reference's protocol).
-
-Resuming: answers are appended per batch to RESULTS_DIR/.partial/<stem>.rank<r>.jsonl; rerunning the same command
-answers only what is missing, and <stem>_test.json is written (atomically) once all its records are answered.
-Files already written are skipped. RESULTS_DIR/.partial/run.json pins checkpoint and settings: a rerun with others
-is refused. Under torchrun the records of each file are split across ranks by index stride; rank 0 merges.
-
-One record (prints the answer):
+One record, printing the answer (a prompt without <audio> gets it appended; put it first for the (a,t) form):
 
     python evaluate.py --ckpt out/instruct --audio question.wav --prompt "Answer the question."   # (t,a)
     python evaluate.py --ckpt out/instruct --audio question.wav                                 # (a): turn = <audio>
     python evaluate.py --ckpt out/instruct --prompt "What is the capital of France?"              # text only
 
-A prompt without <audio> gets it appended after the text (instruction first: the common (t,a) form); put <audio>
-at the start of --prompt for the audio-first (a,t) form.
-
-Score a directory of prediction files alone: one file per test file, `<stem>_test.json` (a JSON list of records) or
-`<stem>_test.jsonl` (one record a line), records with `conversations` = [human, gpt = gold] and the prediction in
-`answer`, `prediction` or `result`; judge verdicts in `gpt_result/` beside them. A folder without any fails.
+Scoring directories of prediction files (README "Scoring": file layout, every rule of both modes, the judge):
 
     python evaluate.py --score results/llaso-mini                      # correct metrics (default)
     python evaluate.py --score results/qwen2-audio --compat llaso      # the reference scripts' numbers, quirks included
     python evaluate.py --score results/qwen2-audio --compat standard   # default, but WER/CER/PER un-normalised
     python evaluate.py --score results/A results/B results/C           # + normalised score across the three
     OPENAI_API_KEY=... python evaluate.py --score results/A --judge-url https://api.openai.com/v1/chat/completions
-
-Each directory gets `scores.json` (per file, per task/category/modality, summary; rates as fractions, abstention in
-percent) and `scores.md`. Judge means are read from `gpt_result/<stem>.jsonl` (--judge-url fills in the missing
-ones; the key comes from $OPENAI_API_KEY and goes to that URL's host only). Nothing is coerced: an answer that is not
-a string is an error entry (scored as an empty answer), a record whose gold is empty or not a string is left out;
-both are counted and listed. README "Scoring" states every rule of both modes. The normalised score (>1 directory,
-or --normalized) is llaso-mini's own min-max recipe, NOT comparable with the paper's 0.72 (see normalized_scores).
 """
 import argparse
 import json
@@ -75,8 +48,7 @@ QA_SOURCES = ("alpacaDan", "dolly", "orca", "tigerbot_alpaca", "tigerbot_multich
 CATALOGUE = {
     "ASR": ("ASR", LING, "asr"),
     "phoneme_recognition": ("phoneme recognition", LING, "per"),
-    "pronunciation_scoring_sentence_level": ("pronunciation scoring", LING, "pron"),
-    "pronunciation_scoring_word_level": ("pronunciation scoring", LING, "pron"),
+    **{f"pronunciation_scoring_{s}_level": ("pronunciation scoring", LING, "pron") for s in ("sentence", "word")},
     **{f"{s}_{c}": ("open-ended QA", SEM, "judge") for s in QA_SOURCES for c in ("input_1", "instruction_0")},
     **{s: ("open-ended QA", SEM, "judge") for s in ("1M_GPT4_end", "3.5M_GPT3.5_end", "alpaca_gpt4_end",
                                                      "code_alpaca_end")},
@@ -85,14 +57,11 @@ CATALOGUE = {
     "speechcommand_recognition": ("speech command", SEM, "judge+acc"),
     **{f"{c}_gender_classification": ("gender", SPK, "acc")
        for c in ("common-voice", "vctk", "voxceleb", "vocalsound")},
-    "common-voice_age_classification": ("age classification", SPK, "acc"),
-    "vctk_age_classification": ("age classification", SPK, "acc"),
+    **{f"{c}_age_classification": ("age classification", SPK, "acc") for c in ("common-voice", "vctk")},
     "vocalsound_age_prediction": ("age prediction", SPK, "age"),
     **{f"{c}_classification": ("accent", SPK, "acc") for c in ("accentdb_AI", "common-voice_accent", "vctk_accent")},
-    "CREMAD_ER_classification": ("emotion recognition", SPK, "acc"),
-    "meld_ER_classification": ("emotion recognition", SPK, "acc"),
-    "CREMAD_EIE_classification": ("emotion intensity", SPK, "acc"),
-    "meld_EIE_classification": ("emotion intensity", SPK, "acc"),
+    **{f"{c}_ER_classification": ("emotion recognition", SPK, "acc") for c in ("CREMAD", "meld")},
+    **{f"{c}_EIE_classification": ("emotion intensity", SPK, "acc") for c in ("CREMAD", "meld")},
     "meld_SV_classification": ("speaker verification", SPK, "acc"),
     "Synthetic_Audio_Classification": ("synthetic speech detection", SPK, "acc"),
     "vocalsound_vocal_classification": ("vocal sound", SPK, "acc"),
@@ -111,12 +80,9 @@ METRICS = ["wer", "cer", "per", "accuracy", "abstention_pct", "mae", "judge_mean
 def infer_task(stem, golds):
     """Guess (task, category, kind) of a stem outside the catalogue from its name, then from its golds."""
     s = stem.lower()
-    if s.startswith("asr"):
-        kind = "asr"
-    else:
-        by_name = [("phoneme", "per"), ("pronunciation", "pron"), ("age_prediction", "age"), ("pitch", "pitch"),
-                   ("classification", "acc")]
-        kind = next((k for word, k in by_name if word in s), None)
+    by_name = [("phoneme", "per"), ("pronunciation", "pron"), ("age_prediction", "age"), ("pitch", "pitch"),
+               ("classification", "acc")]
+    kind = "asr" if s.startswith("asr") else next((k for word, k in by_name if word in s), None)
     if kind is None and s.endswith(("_end", "_input_1", "_instruction_0")):
         kind = "judge"
     if kind is None:  # a small set of short golds looks like a closed label set, anything else goes to the judge
@@ -174,25 +140,20 @@ def prediction_files(results_dir):
     for path in sorted(results_dir.iterdir()):
         if path.suffix in PREDICTION_SUFFIXES and path.is_file() and path.name != "scores.json":
             found.setdefault(path.stem, []).append(path)
-    if not found:
-        raise NothingToScore(nothing_to_score(results_dir))
-    return found
-
-
-def nothing_to_score(results_dir):
-    """What a folder holds instead of prediction files, and where some may be (a subfolder per model, say)."""
-    def describe(path):
+    if found:
+        return found
+    instead = []  # what the folder holds instead, and where prediction files may be (a subfolder per model, say)
+    for path in sorted(results_dir.iterdir()):
         inside = sum(f.suffix in PREDICTION_SUFFIXES for f in path.iterdir()) if path.is_dir() else None
-        return path.name if inside is None else f"{path.name}/ ({inside} prediction file{'s' * (inside != 1)})"
-
-    found = [describe(path) for path in sorted(results_dir.iterdir())]
-    return (f"{results_dir}: no prediction files (<stem>_test.json lists or <stem>_test.jsonl, one record a line) to "
-            f"score; found instead: {', '.join(found[:20]) or 'nothing'}{' ...' * (len(found) > 20)}")
+        instead.append(path.name if inside is None else f"{path.name}/ ({inside} prediction file{'s' * (inside != 1)})")
+    raise NothingToScore(f"{results_dir}: no prediction files (<stem>_test.json lists or <stem>_test.jsonl, one record "
+                         f"a line) to score; found instead: {', '.join(instead[:20]) or 'nothing'}"
+                         f"{' ...' * (len(instead) > 20)}")
 
 
 def read_records(path):
-    """A JSON list of records, or JSONL (one record a line, blank lines ignored), told apart by the first character:
-    generation writes a list under the test file's own name, which may end in .jsonl."""
+    """A JSON list of records or JSONL (blank lines ignored), told by the first character: generation writes a list
+    under the test file's own name, which may end in .jsonl."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
@@ -216,8 +177,7 @@ def read_records(path):
 
 
 def load_results(path):
-    """-> Predictions of one file; raises ValueError naming the file and record if the file cannot be scored.
-    An answer that is not a string (a list, an object, null) is an error entry, like an "error" record."""
+    """Predictions of one file (an answer that is not a string is an error entry); ValueError names file and record."""
     rows, errors, unscorable = [], [], []
     for i, record in enumerate(read_records(path)):
         where = f"{path.name} record {i}"
@@ -369,9 +329,9 @@ def accuracy(golds, preds, compat):
         for gold, pred in zip(golds, preds):
             t, p = gold.replace(".", "").lower(), pred.replace(".", "").lower()
             correct += t == p or (t in p and not any(l != t and l in p for l in labels))
-        return {"accuracy": correct / len(golds)}
-    labels = {label_norm(g) for g in golds} - {""}
-    correct = sum(labels_named(p, labels) == {label_norm(g)} for g, p in zip(golds, preds))
+    else:
+        labels = {label_norm(g) for g in golds} - {""}
+        correct = sum(labels_named(p, labels) == {label_norm(g)} for g, p in zip(golds, preds))
     return {"accuracy": correct / len(golds)}
 
 
@@ -405,9 +365,8 @@ def parse_age(text):
 
 
 def parse_pitch(text):
-    """A MIDI note number is an integer: the text as an integer, else the nearest integer to the text as a float,
-    to its first number, or to the midpoint of a range "60-64" (Python round: half to even; both modes, as the
-    reference); None if there is no number."""
+    """A MIDI note (an integer): the text as an integer, else the nearest integer to the text as a float, to its first
+    number or to a range's midpoint "60-64" (half to even, both modes, as the reference); None without a number."""
     text = text.strip()
     try:
         return int(text)
@@ -527,14 +486,13 @@ def judge_means(verdicts, rows, compat):
         verdict = verdicts.get(row.index)
         if verdict is None:
             continue
+        score = verdict_score(verdict)
         if verdict.get("predicted", row.prediction.strip()) != row.prediction.strip():
             stale += 1  # judged an older prediction: not this model's answer any more
-            continue
-        score = verdict_score(verdict)
-        if score is None or not 1 <= score <= 5:
+        elif score is None or not 1 <= score <= 5:
             unparsed += 1
-            continue
-        scores.append(score)
+        else:
+            scores.append(score)
     return {"judge_mean": statistics.fmean(scores) if scores else None, "judge_n": len(scores),
             "judge_coverage": len(scores) / len(rows), "judge_unparsed": unparsed, "judge_stale": stale}
 
@@ -576,12 +534,11 @@ def ask_judge(url, key, model, temperature, reference, predicted, timeout=120):
 
 
 def judge_file(results_dir, path, rows, url, key, model, temperature):
-    """Ask the judge about every record without a current verdict (one whose "predicted" is the record's current
-    answer); appends to gpt_result/<stem>.jsonl (cache), keyed by the record's index in the prediction file."""
+    """Ask the judge about every record without a verdict on its current answer; appends to gpt_result/<stem>.jsonl
+    (the cache), keyed by the record's index in the prediction file."""
     verdicts_path = results_dir / "gpt_result" / f"{path.stem}.jsonl"
     verdicts = read_verdicts(verdicts_path)
-    todo = [row for row in rows
-            if row.index not in verdicts or verdicts[row.index].get("predicted") != row.prediction.strip()]
+    todo = [row for row in rows if verdicts.get(row.index, {}).get("predicted") != row.prediction.strip()]
     verdicts_path.parent.mkdir(exist_ok=True)
     failed = unparsed = 0
     with verdicts_path.open("a", encoding="utf-8") as f:
@@ -785,42 +742,36 @@ def scores_markdown(title, scores):
 
 def score_directories(dirs, compat=None, normalized=False, judge=None):
     all_scores = {str(d): score_directory(d, compat, judge) for d in dirs}
-    if len(dirs) > 1 or normalized:
-        if len(dirs) < 2:
-            print("note: a normalised score needs at least two directories to compare", file=sys.stderr)
-        else:
-            values, used = normalized_scores(all_scores)
-            for d, value in values.items():
-                all_scores[d]["summary"]["normalized_score"] = {"value": value, "files_used": used,
-                                                                "pool": [Path(p).name for p in dirs],
-                                                                "note": NORMALIZED_NOTE}
+    if normalized and len(dirs) < 2:
+        print("note: a normalised score needs at least two directories to compare", file=sys.stderr)
+    elif len(dirs) > 1:
+        values, used = normalized_scores(all_scores)
+        pool = [Path(d).name for d in dirs]
+        for d, value in values.items():
+            all_scores[d]["summary"]["normalized_score"] = {"value": value, "files_used": used, "pool": pool,
+                                                            "note": NORMALIZED_NOTE}
     for d, scores in all_scores.items():
         Path(d, "scores.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         Path(d, "scores.md").write_text(scores_markdown(Path(d).name, scores), encoding="utf-8")
-        s = scores["summary"]
-        shown = {k: s[k] for k in ("wer", "per", "accuracy", "abstention_pct", "judge_mean") if k in s}
-        line = " ".join(f"{k}={fmt(v)}" for k, v in shown.items())
+        s, shown = scores["summary"], ("wer", "per", "accuracy", "abstention_pct", "judge_mean")
+        line = " ".join(f"{k}={fmt(s[k])}" for k in shown if k in s)
         if "normalized_score" in s:
             line += f" normalized={fmt(s['normalized_score']['value'])}"
         shown_columns = [c for c in METRICS if any(c in row for row in scores["tasks"].values())]
         print(md_table(scores["tasks"], ["files", "n"] + shown_columns, "task"))
         print(f"{d}: {s['n_files']} files, {s['n_items']} items, {line}\n  -> {Path(d, 'scores.md')} "
               f"(every file, task, category, modality) and scores.json")
-        print_unscored(scores)
+        for key, what in (("error_records", "could not be evaluated (error entries or answers that are not text), "
+                                            "scored as empty answers"),
+                          ("unscorable_records", "without a usable gold, left out of every metric")):
+            records = [r for entry in scores["files"].values() for r in entry.get(key, [])]
+            if records:  # named on the terminal too, as in scores.md
+                print(f"  {n_records(len(records))} {what}:")
+                print("".join(f"    {r}\n" for r in records[:LISTED]), end="")
+                if len(records) > LISTED:
+                    more = len(records) - LISTED
+                    print(f"    ... and {more} more (scores.md names {LISTED} per file, scores.json all)")
     return all_scores
-
-
-def print_unscored(scores):
-    """The terminal summary names the records not scored as given, like scores.md."""
-    for key, what in (("error_records", "could not be evaluated (error entries or answers that are not text), "
-                                        "scored as empty answers"),
-                      ("unscorable_records", "without a usable gold, left out of every metric")):
-        records = [r for entry in scores["files"].values() for r in entry.get(key, [])]
-        if records:
-            print(f"  {n_records(len(records))} {what}:")
-            print("".join(f"    {r}\n" for r in records[:LISTED]), end="")
-            if len(records) > LISTED:
-                print(f"    ... and {len(records) - LISTED} more (scores.md names {LISTED} per file, scores.json all)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
