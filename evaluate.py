@@ -23,6 +23,8 @@ Scoring directories of prediction files (README "Scoring": file layout, every ru
     OPENAI_API_KEY=... python evaluate.py --score results/A --judge-url https://api.openai.com/v1/chat/completions
 """
 import argparse
+import datetime
+import hashlib
 import json
 import os
 import re
@@ -872,14 +874,12 @@ def scores_tasks(all_scores, metric):
 # ---------------------------------------------------------------------------------------------------------------------
 # generation: every record of every test file -> <stem>_test.json with "answer" (torch/transformers imported here only)
 
-DEFAULT_ENCODER = "openai/whisper-large-v3"
 PARTIAL = ".partial"  # RESULTS_DIR/.partial/<stem>.rank<r>.jsonl: {"i": record number, "answer": ...} per line
 
 
 def find_test_files(paths):
     """*_test.json under each folder (recursively) plus files named directly; stems must be unique."""
     from data import corpus_files
-
     files = corpus_files(paths, "*_test.json")
     stems = [f.stem for f in files]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
@@ -892,12 +892,9 @@ def distributed():
     """(rank, world size, device) from torchrun's environment; a plain `python evaluate.py` is rank 0 of 1."""
     import torch
     import torch.distributed as dist
-
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        import datetime
-
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # ranks finish their shares at slightly different times: a generous timeout for the final barrier
@@ -905,33 +902,16 @@ def distributed():
     return rank, world, device
 
 
-def barrier(world, device):
-    import torch.distributed as dist
-
-    if world > 1:
-        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
-
-
 def default_dtype(device):
     """bf16 on CUDA (as the reference evaluates), fp32 on CPU."""
     import torch
-
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def precision_dtype(precision):
-    """--precision bf16 / fp32 as a torch dtype; None (not given): the device's default."""
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
-
-
 def load_model(ckpt, encoder=None, device="cpu", dtype=None):
-    """The model in training's numerics: encoder and LLM loaded in `dtype` as training loads them (from_pretrained
-    keeps RoPE's inv_freq in fp32), the fp32 projector cast to `dtype` (what training's autocast computes it in).
-    Casting the whole model instead would round inv_freq to bf16: angle errors of radians after ~1,600 positions."""
+    """The model in training's numerics (README, Precision): encoder and LLM loaded in `dtype` by from_pretrained,
+    which keeps RoPE's inv_freq in fp32, and the fp32 projector cast to `dtype`, as training's autocast computes it."""
     from model import LLaSO, is_llava_checkpoint
-
     ckpt = Path(ckpt)
     if not (ckpt / "llaso_config.json").is_file() and not is_llava_checkpoint(ckpt):
         raise SystemExit(f"--ckpt {ckpt}: neither a llaso-mini artifact (llaso_config.json) nor the released "
@@ -972,19 +952,9 @@ def write_json(path, value):
     os.replace(tmp, path)
 
 
-def output_record(record, row):
-    """The input record with all its fields plus "answer" (and "error" if the record could not be evaluated)."""
-    entry = dict(record) if isinstance(record, dict) else {} if record is None else {"record": record}
-    entry["answer"] = row["answer"]
-    if "error" in row:
-        entry["error"] = row["error"]
-    return entry
-
-
 def merge(out, path, corpus, k):
     """Write <stem>.json from the partial files once every record of test file k has a row; True if written."""
     from data import RecordError
-
     start, stop = int(corpus.starts[k]), int(corpus.starts[k + 1])
     done = read_partials(out, path.stem)
     if len(done) < stop - start:
@@ -995,7 +965,9 @@ def merge(out, path, corpus, k):
             record = corpus.read(i)
         except RecordError:
             record = None  # its row already carries the error
-        records.append(output_record(record, done[i - start]))
+        entry = dict(record) if isinstance(record, dict) else {} if record is None else {"record": record}
+        entry.update((key, value) for key, value in done[i - start].items() if key != "i")  # answer (and error)
+        records.append(entry)
     write_json(out / path.name, records)
     for partial in (out / PARTIAL).glob(f"{path.stem}.rank*.jsonl"):
         partial.unlink()
@@ -1006,12 +978,8 @@ FINGERPRINT_BLOCK, FINGERPRINT_BLOCKS = 1 << 20, 16
 
 
 def file_fingerprint(path):
-    """"size:hash" of a file: SHA-256 of 16 evenly spaced 1 MiB blocks, the first and last included (of the whole file
-    up to 16 MiB). Retraining rewrites every tensor of a weight file, so the sampled bytes change, and 16 MiB read per
-    file keeps this to a fraction of a second for multi-GB shards. No mtime: a copy of the same checkpoint (on another
-    node, after rsync) is the same model."""
-    import hashlib
-
+    """"size:hash": SHA-256 of 16 evenly spaced 1 MiB blocks, first and last included (the whole file up to 16 MiB):
+    retraining rewrites every tensor, so they change; no mtime, so a copy of a checkpoint is the same model."""
     size, digest = path.stat().st_size, hashlib.sha256()
     with path.open("rb") as f:
         if size <= FINGERPRINT_BLOCK * FINGERPRINT_BLOCKS:
@@ -1079,14 +1047,13 @@ def check_run(out, settings, write=True):
 
 def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max_new_tokens=256, workers=2,
                    stop_after=None, compat_chunks=False, dtype=None):
-    """Greedy answers for every record of every test file, written to out/<stem>.json (see the module docstring).
-    A rank's share of a file is sorted by length (batches of similar prompts pad less). stop_after (tests) ends the
-    run after that many batches, as a crash would. Returns (files completed, files in total, error entries)."""
+    """Greedy answers for every record of every test file, written to out/<stem>.json; a rank's share of a file is
+    sorted by length (similar prompts pad less). stop_after (tests) ends the run after that many batches, as a crash
+    would. Returns (files completed, files in total, error entries)."""
     import torch
     from tqdm import tqdm
 
     from data import Corpus, LLaSODataset, make_loader
-
     rank, world, device = distributed()
     files, out, dtype = find_test_files(data), Path(out), dtype or default_dtype(device)
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
@@ -1131,7 +1098,8 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
         if world == 1 and todo[k] == 0:
             merge(out, files[k], corpus, k)  # one process: each file appears as soon as it is complete
 
-    barrier(world, device)
+    if world > 1:  # every rank's share is written before rank 0 merges
+        torch.distributed.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     complete = sum((out / f.name).exists() for f in files)
     if rank == 0:
         complete = sum((out / f.name).exists() or merge(out, f, corpus, k) for k, f in enumerate(files))
@@ -1171,7 +1139,6 @@ def answer_one(model, prompt=None, audio=(), max_new_tokens=256):
 
     import model as M
     from data import RecordError, audio_features
-
     ids, labels = M.tokenize(model.tokenizer, human_turn(prompt, len(audio)), None, model.config.max_text_len)
     try:
         mels, counts, frames, cut = audio_features([str(p) for p in audio], model.features)
@@ -1194,14 +1161,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen = parser.add_argument_group("generation (then scoring of --out)")
     gen.add_argument("--ckpt", help="stage-1/stage-2 artifact directory or the released LLaSO-Base checkpoint")
-    gen.add_argument("--data", nargs="+", metavar="EVAL_DIR_OR_FILE", help="test files, or folders searched for "
-                     "*_test.json recursively")
+    gen.add_argument("--data", nargs="+", metavar="EVAL_DIR_OR_FILE", help="test files, or folders with *_test.json")
     gen.add_argument("--audio-root", help="folder the records' 'voice' paths are relative to")
     gen.add_argument("--out", help="results directory: one <stem>_test.json per test file, scores.json, scores.md")
-    gen.add_argument("--encoder", help=f"Whisper id or directory, overriding the checkpoint's (released "
-                     f"checkpoint: default {DEFAULT_ENCODER})")
+    gen.add_argument("--encoder", help="Whisper id or directory instead of the checkpoint's (default for the released "
+                     "checkpoint: openai/whisper-large-v3)")
     gen.add_argument("--batch-size", type=int, default=16, help="records per generate call; 1 = the reference's "
-                     "exact protocol (batched output is identical in fp32; bf16 may flip a token in rare near-ties)")
+                     "exact protocol (in bf16 a batch may flip a token in a rare near-tie)")
     gen.add_argument("--max-new-tokens", type=int, default=256, help="greedy decoding budget (reference: 256)")
     gen.add_argument("--compat-chunks", action="store_true", help="the reference's 480,001-sample chunk slicing "
                      "(drops one sample per full 30 s chunk); default: exact 30 s chunks")
@@ -1216,16 +1182,15 @@ def main(argv=None):
                      "without --prompt the turn is just <audio>")
     score = parser.add_argument_group("scoring")
     score.add_argument("--score", nargs="+", metavar="RESULTS_DIR", help="score the prediction files in each dir")
-    score.add_argument("--compat", choices=["llaso", "standard"],
-                       help="llaso: reproduce the reference scripts' numbers; standard: default but WER/CER/PER "
-                            "without normalisation (reference letter-PER, gold as reference)")
+    score.add_argument("--compat", choices=["llaso", "standard"], help="llaso: the reference scripts' numbers; "
+                       "standard: default but WER/CER/PER unnormalised (reference letter-PER, gold as reference)")
     score.add_argument("--normalized", action="store_true", help="normalised score across the dirs (default if >1)")
     score.add_argument("--judge-url", help="OpenAI-compatible chat completions URL; judges records without verdict "
                        "(API key: $OPENAI_API_KEY, sent to this URL's host only)")
     score.add_argument("--judge-key", help=argparse.SUPPRESS)  # refused below: kept to explain why
     score.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (pin a dated version for reports)")
-    score.add_argument("--plot", metavar="FILE.png", help="after scoring (--score, or after generation): a radar of "
-                       "every directory over the tasks and one bar panel per metric family (needs matplotlib)")
+    score.add_argument("--plot", metavar="FILE.png", help="after scoring: a radar of every directory over the tasks "
+                       "and one bar panel per metric family (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.judge_key is not None:
         parser.error("--judge-key: a key on the command line is visible to every user of this machine (ps, shell "
@@ -1262,7 +1227,8 @@ def main(argv=None):
     if not args.ckpt:
         parser.error("nothing to do: pass --ckpt DIR (generation or --audio/--prompt), --preset tiny, or --score DIR")
 
-    dtype = precision_dtype(args.precision)
+    import torch
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.precision]
     if args.audio or args.prompt is not None:
         _, _, device = distributed()
         print(answer_one(load_model(args.ckpt, args.encoder, device, dtype), args.prompt, args.audio or [],
@@ -1278,11 +1244,10 @@ def main(argv=None):
                                             compat_chunks=args.compat_chunks, dtype=dtype)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    if complete < total:
-        sys.exit(f"{total - complete} test files are incomplete: run the same command again to finish them")
-    score_and_exit([args.out], args.compat, judge=judge, plot=args.plot)
+    if int(os.environ.get("RANK", 0)) == 0:  # rank 0 scores
+        if complete < total:
+            sys.exit(f"{total - complete} test files are incomplete: run the same command again to finish them")
+        score_and_exit([args.out], args.compat, judge=judge, plot=args.plot)
 
 
 def score_and_exit(dirs, compat, normalized=False, judge=None, plot=None):
