@@ -31,7 +31,6 @@ import re
 import statistics
 import sys
 import unicodedata
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import NamedTuple
@@ -278,18 +277,15 @@ def ipa_phones(text):
     return phones
 
 
-def edit_distance(a, b):
-    out = jiwer.process_words(" ".join(a), " ".join(b))  # symbols never contain spaces
-    return out.substitutions + out.deletions + out.insertions
-
-
 def phone_error_rate(golds, preds, compat):
     if compat in ("llaso", "standard"):  # per-utterance rate, mean over utterances
         rates = []
         for gold, pred in zip(golds, preds):
             g, p = timit_letters(gold), timit_letters(pred)
+            out = jiwer.process_words(" ".join(g), " ".join(p))  # letters as words: edits of the letter sequences
+            edits = out.substitutions + out.deletions + out.insertions
             denominator = p if compat == "llaso" else g  # llaso: divides by the answer side (role swap as in WER)
-            rates.append(edit_distance(g, p) / len(denominator) if denominator else float(bool(g or p)))
+            rates.append(edits / len(denominator) if denominator else float(bool(g or p)))
         return {"per": statistics.fmean(rates) if rates else None}
     refs = [" ".join(ipa_phones(g)) for g in golds]
     hyps = [" ".join(ipa_phones(p)) for p in preds]
@@ -543,12 +539,12 @@ def judge_file(results_dir, path, rows, url, key, model, temperature):
     todo = [row for row in rows if verdicts.get(row.index, {}).get("predicted") != row.prediction.strip()]
     verdicts_path.parent.mkdir(exist_ok=True)
     failed = unparsed = 0
-    with verdicts_path.open("a", encoding="utf-8") as f:
+    with verdicts_path.open("a", encoding="utf-8", buffering=1) as f:  # line-buffered: each verdict is kept at once
         for row in todo:
             reference, predicted = row.gold.strip(), row.prediction.strip()
             try:
                 evaluation = ask_judge(url, key, model, temperature, reference, predicted)
-            except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError) as error:
+            except (OSError, KeyError, IndexError, ValueError) as error:  # URLError and HTTPError are OSErrors
                 print(f"judge failed on {path.name} record {row.index}: {error}", file=sys.stderr)
                 failed += 1  # not written, so the next run retries it
                 continue
@@ -556,7 +552,6 @@ def judge_file(results_dir, path, rows, url, key, model, temperature):
                        "evaluation": evaluation}
             unparsed += verdict_score(verdict) is None
             f.write(json.dumps(verdict, ensure_ascii=False) + "\n")
-            f.flush()
     print(f"judge {path.stem}: {len(todo) - failed} new verdicts, {failed} failed, {unparsed} without a score")
 
 
@@ -692,18 +687,17 @@ def normalized_scores(scores_by_model):
     skip files where all tie, and average per model."""
     models = list(scores_by_model)
     shared = set.intersection(*(set(s["files"]) for s in scores_by_model.values()))
-    points, used = {m: [] for m in models}, 0
+    points = {m: [] for m in models}  # every file used adds one point to each model
     for stem in sorted(shared):
         key = scores_by_model[models[0]]["files"][stem]["primary"]
         values = {m: scores_by_model[m]["files"][stem].get(key) for m in models}
         if any(v is None for v in values.values()) or max(values.values()) == min(values.values()):
             continue  # unscored somewhere, or a tie that carries no information
-        used += 1
         low, high = min(values.values()), max(values.values())
         for m, v in values.items():
             x = (v - low) / (high - low)
             points[m].append(1 - x if key in LOWER_IS_BETTER else x)
-    return {m: statistics.fmean(p) if p else None for m, p in points.items()}, used
+    return {m: statistics.fmean(p) if p else None for m, p in points.items()}, len(points[models[0]])
 
 
 NORMALIZED_NOTE = ("llaso-mini recipe (min-max per file across this pool, lower-is-better inverted, mean over files); "
@@ -810,12 +804,10 @@ def unit_value(entries):
 def plot_scores(all_scores, path):
     """One figure: the radar (one polygon per results directory) on the left, the metric families on the right."""
     import matplotlib
-
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.patches import Patch
-
     names = [Path(d).name for d in all_scores]
     per_model = [radar_axes(s) for s in all_scores.values()]
     keys = sorted(set().union(*per_model))  # (category, task)
@@ -836,7 +828,6 @@ def plot_scores(all_scores, path):
     categories = sorted({k[0] for k in keys})
     for label, key in zip(radar.get_xticklabels(), keys):  # tick colour = category
         label.set_color(plt.cm.Dark2(categories.index(key[0])))
-
     radar.set_ylim(0, 1)
     radar.set_yticks([0.25, 0.5, 0.75, 1.0], ["0.25", "0.5", "0.75", "1"], fontsize=8, color="grey")
     radar.set_title("LLaSO-Eval by task (outward = better)", fontsize=14, pad=30)
@@ -850,7 +841,9 @@ def plot_scores(all_scores, path):
         panel = fig.add_subplot(grid[row, 1])
         bars = []  # (label, [value per model])
         for metric in metrics:
-            for task in scores_tasks(all_scores, metric):
+            tasks = {task for s in all_scores.values() for task, entry in s["tasks"].items()
+                     if entry.get(metric) is not None}
+            for task in sorted(tasks):  # every task that reports `metric` in any directory
                 label = task if len(metrics) == 1 else f"{task} ({metric.upper()})"
                 bars.append((label, [s["tasks"].get(task, {}).get(metric) for s in all_scores.values()]))
         width = 0.8 / max(1, len(names))
@@ -863,12 +856,6 @@ def plot_scores(all_scores, path):
         panel.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=110)
     return fig
-
-
-def scores_tasks(all_scores, metric):
-    """Tasks that report `metric` in any of the models, in name order."""
-    return sorted({task for scores in all_scores.values() for task, row in scores["tasks"].items()
-                   if row.get(metric) is not None})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
