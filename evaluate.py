@@ -78,23 +78,21 @@ LOWER_IS_BETTER = {"wer", "cer", "per", "mae"}
 METRICS = ["wer", "cer", "per", "accuracy", "abstention_pct", "mae", "judge_mean"]  # column order of every table
 
 
-def infer_task(stem, golds):
-    """Guess (task, category, kind) of a stem outside the catalogue from its name, then from its golds."""
-    s = stem.lower()
+def task_of(stem, rows):
+    """(task, category, kind); a stem outside the catalogue gets a kind guessed from its name, then from its golds."""
+    base = stem.removesuffix("_test")
+    if base in CATALOGUE:
+        return CATALOGUE[base]
+    s = base.lower()
     by_name = [("phoneme", "per"), ("pronunciation", "pron"), ("age_prediction", "age"), ("pitch", "pitch"),
                ("classification", "acc")]
     kind = "asr" if s.startswith("asr") else next((k for word, k in by_name if word in s), None)
     if kind is None and s.endswith(("_end", "_input_1", "_instruction_0")):
         kind = "judge"
     if kind is None:  # a small set of short golds looks like a closed label set, anything else goes to the judge
-        labels = {label_norm(g) for g in golds}
-        kind = "acc" if len(labels) <= min(50, len(golds) / 2) and all(len(l.split()) <= 3 for l in labels) else "judge"
+        labels = {label_norm(row.gold) for row in rows}
+        kind = "acc" if len(labels) <= min(50, len(rows) / 2) and all(len(l.split()) <= 3 for l in labels) else "judge"
     return "unknown", "unknown", kind
-
-
-def task_of(stem, rows):
-    base = stem.removesuffix("_test")
-    return CATALOGUE.get(base) or infer_task(base, [row.gold for row in rows])
 
 
 def modality(stem, humans):
@@ -633,20 +631,6 @@ def listing(records):
     return shown + (f"; and {len(records) - LISTED} more (all in scores.json)" if len(records) > LISTED else "")
 
 
-def record_notes(stem, entry, predictions):
-    """Count and list the records not scored as given: error entries and records without a usable gold."""
-    notes = []
-    if predictions.errors:
-        entry["errors"], entry["error_records"] = len(predictions.errors), predictions.errors
-        notes.append(f"`{stem}`: {n_records(len(predictions.errors))} could not be evaluated (error entries or answers "
-                     f"that are not text; scored as empty answers): {listing(predictions.errors)}")
-    if predictions.unscorable:
-        entry["unscorable"], entry["unscorable_records"] = len(predictions.unscorable), predictions.unscorable
-        notes.append(f"`{stem}`: {n_records(len(predictions.unscorable))} left out of every metric (no usable gold): "
-                     f"{listing(predictions.unscorable)}")
-    return notes
-
-
 def score_directory(results_dir, compat=None, judge=None):
     """Score every prediction file in results_dir -> scores dict (also the content of scores.json)."""
     results_dir = Path(results_dir)
@@ -661,16 +645,23 @@ def score_directory(results_dir, compat=None, judge=None):
             notes.append(f"skipped {error}")
             print(f"error: {results_dir}/{error}", file=sys.stderr)
             continue
-        rows = predictions.rows
+        rows, errors, unscorable = predictions
         if judge and task_of(stem, rows)[2] in JUDGED:
             judge_file(results_dir, paths[0], rows, **judge)
-        files[stem] = score_file(results_dir, stem, rows, compat)
-        notes += record_notes(stem, files[stem], predictions)
-        if files[stem]["kind"] in JUDGED and not files[stem].get("judge_n"):
+        entry = files[stem] = score_file(results_dir, stem, rows, compat)
+        if errors:  # counted and listed: the records not scored as given
+            entry["errors"], entry["error_records"] = len(errors), errors
+            notes.append(f"`{stem}`: {n_records(len(errors))} could not be evaluated (error entries or answers that "
+                         f"are not text; scored as empty answers): {listing(errors)}")
+        if unscorable:
+            entry["unscorable"], entry["unscorable_records"] = len(unscorable), unscorable
+            notes.append(f"`{stem}`: {n_records(len(unscorable))} left out of every metric (no usable gold): "
+                         f"{listing(unscorable)}")
+        if entry["kind"] in JUDGED and not entry.get("judge_n"):
             notes.append(f"`{stem}`: no judge verdicts in gpt_result/{stem}.jsonl (run with --judge-url)")
-        if files[stem]["task"] == "unknown":
-            notes.append(f"`{stem}` is not a LLaSO-Eval file: scored as `{files[stem]['kind']}` (inferred from its "
-                         "name and golds)")
+        if entry["task"] == "unknown":
+            notes.append(f"`{stem}` is not a LLaSO-Eval file: scored as `{entry['kind']}` (inferred from its name and "
+                         "golds)")
     keys = [k for k in METRICS if k != "mae"]  # MAE per task only: years and semitones do not average
     return {"mode": compat or "default", "files": files, "summary": summarize(files),
             "tasks": group_table(files, "task", keys + ["mae"]), "categories": group_table(files, "category", keys),
@@ -783,15 +774,6 @@ FAMILIES = [("error rate ↓", ("wer", "cer", "per")), ("closed-set accuracy ↑
             ("MAE ↓ (age: years, pitch: semitones)", ("mae",))]
 
 
-def radar_axes(scores):
-    """(category, task) -> its files' entries; open-ended QA is one axis per modality configuration."""
-    axes = {}
-    for stem, e in scores["files"].items():
-        name = f"{e['task']} {e['modality']}" if e["task"] == "open-ended QA" else e["task"]
-        axes.setdefault((e["category"], name), []).append(e)
-    return axes
-
-
 def unit_value(entries):
     values = []
     for e in entries:
@@ -809,7 +791,12 @@ def plot_scores(all_scores, path):
     import numpy as np
     from matplotlib.patches import Patch
     names = [Path(d).name for d in all_scores]
-    per_model = [radar_axes(s) for s in all_scores.values()]
+    per_model = []  # per directory: (category, task) -> its files' entries; open-ended QA: one axis per modality
+    for scores in all_scores.values():
+        per_model.append({})
+        for e in scores["files"].values():
+            name = f"{e['task']} {e['modality']}" if e["task"] == "open-ended QA" else e["task"]
+            per_model[-1].setdefault((e["category"], name), []).append(e)
     keys = sorted(set().union(*per_model))  # (category, task)
     fig = plt.figure(figsize=(22, 13), constrained_layout=True)
     grid = fig.add_gridspec(len(FAMILIES), 2, width_ratios=[1.05, 1])
