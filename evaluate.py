@@ -300,11 +300,9 @@ def label_norm(text):
 
 
 def labels_named(prediction, labels, nested=True):
-    """Labels named in the prediction at word boundaries, so that "male" is not found inside "female".
-
-    A label found only inside a longer label that the prediction names ("irish" in "northern irish", "hue lightup"
-    in "iot hue lightup") is part of that label, not a second one; nested=False counts it, as the reference does.
-    """
+    """Labels named in the prediction at word boundaries ("male" is not in "female"). A label found only inside a
+    longer named label ("irish" in "northern irish") is part of it, not a second one; nested=False counts it, as the
+    reference does."""
     text = prediction.strip().lower()
     spans = {l: [m.span() for m in re.finditer(rf"(?<![a-z0-9]){re.escape(l)}(?![a-z0-9])", text)] for l in labels}
     spans = {l: found for l, found in spans.items() if found}
@@ -417,13 +415,9 @@ def parse_pron(text):
 def pron_agreement(golds, preds):
     """Exact agreement per aspect over the items where gold and answer both parse (reference output names)."""
     pairs = [(g, p) for g, p in ((parse_pron(g), parse_pron(p)) for g, p in zip(golds, preds)) if g and p]
-
-    def agreement(aspect):
-        return sum(g[aspect] == p[aspect] for g, p in pairs) / len(pairs) if pairs else 0.0
-
-    return {"pron_agreement": {"accuracy": agreement("accuracy"), "prosodic_accuracy": agreement("prosodic"),
-                               "fluency_accuracy": agreement("fluency"), "matched_entries": len(pairs),
-                               "total_entries": len(golds)}}
+    names = {"accuracy": "accuracy", "prosodic_accuracy": "prosodic", "fluency_accuracy": "fluency"}
+    agreement = {name: sum(g[a] == p[a] for g, p in pairs) / len(pairs) if pairs else 0.0 for name, a in names.items()}
+    return {"pron_agreement": {**agreement, "matched_entries": len(pairs), "total_entries": len(golds)}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -588,17 +582,14 @@ def mean_of(entries, key):
 
 def group_table(files, field, keys):
     """Unweighted mean over files of each file's primary metrics, grouped by task / category / modality."""
-    groups = {}
-    for entry in files.values():
-        groups.setdefault(entry[field], []).append(entry)
     table = {}
-    for name, entries in sorted(groups.items()):
-        row = {"files": len(entries), "n": sum(e["n"] for e in entries)}
+    for name in sorted({e[field] for e in files.values()}):
+        entries = [e for e in files.values() if e[field] == name]
+        row = table[name] = {"files": len(entries), "n": sum(e["n"] for e in entries)}
         for key in keys:
             value = mean_of([e for e in entries if key in PRIMARY[e["kind"]]], key)
             if value is not None:
                 row[key] = value
-        table[name] = row
     return table
 
 
