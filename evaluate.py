@@ -151,8 +151,7 @@ def prediction_files(results_dir):
 
 
 def read_records(path):
-    """A JSON list of records or JSONL (blank lines ignored), told by the first character: generation writes a list
-    under the test file's own name, which may end in .jsonl."""
+    """A JSON list (as generation writes, even under a .jsonl name) or JSONL, told apart by the first character."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
@@ -232,12 +231,9 @@ def error_rate(out):
 
 
 def wer_cer(golds, preds, compat):
-    if compat == "llaso":  # reference quirk kept on purpose: gold passed as hypothesis, answer as reference
-        refs, hyps = preds, golds
-    elif compat == "standard":
-        refs, hyps = golds, preds
-    else:
-        refs, hyps = [normalize_text(g) for g in golds], [normalize_text(p) for p in preds]
+    refs, hyps = (preds, golds) if compat == "llaso" else (golds, preds)  # llaso: the reference's role swap, on purpose
+    if compat is None:
+        refs, hyps = [normalize_text(r) for r in refs], [normalize_text(h) for h in hyps]
     # jiwer 4 accepts empty strings: an empty hypothesis aligns as all deletions, an empty reference as insertions
     w = jiwer.process_words(refs, hyps, reference_transform=RAW_WORDS, hypothesis_transform=RAW_WORDS)
     c = jiwer.process_characters(refs, hyps, reference_transform=RAW_CHARS, hypothesis_transform=RAW_CHARS)
@@ -294,7 +290,6 @@ def phone_error_rate(golds, preds, compat):
 # ---------------------------------------------------------------------------------------------------------------------
 # closed-set accuracy and abstention
 
-
 def label_norm(text):
     return text.strip().lower().rstrip(". ").strip()
 
@@ -339,7 +334,6 @@ def abstention(golds, preds, compat):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # MAE (age prediction, pitch)
-
 
 def first_or_range(numbers, text):
     """Reference rule: "20-30" -> mean of the first two numbers, otherwise the first number."""
@@ -550,7 +544,6 @@ def judge_file(results_dir, path, rows, url, key, model, temperature):
 # ---------------------------------------------------------------------------------------------------------------------
 # scoring a directory
 
-
 def score_file(results_dir, stem, rows, compat):
     task, category, kind = task_of(stem, rows)
     humans, golds, preds = [r.human for r in rows], [r.gold for r in rows], [r.prediction for r in rows]
@@ -558,14 +551,9 @@ def score_file(results_dir, stem, rows, compat):
              "primary": PRIMARY[kind][0], "n": len(rows)}
     if not rows:
         return entry
-    if kind == "asr":
-        entry.update(wer_cer(golds, preds, compat))
-    if kind == "per":
-        entry.update(phone_error_rate(golds, preds, compat))
-    if kind in ("acc", "judge+acc"):
-        entry.update(accuracy(golds, preds, compat))
-    if kind == "acc":
-        entry.update(abstention(golds, preds, compat))
+    text_metrics = {"asr": [wer_cer], "per": [phone_error_rate], "acc": [accuracy, abstention], "judge+acc": [accuracy]}
+    for metric in text_metrics.get(kind, []):
+        entry.update(metric(golds, preds, compat))
     if kind in ("age", "pitch"):
         entry.update(mae(golds, preds, compat, kind))
     if kind == "pron":
@@ -662,11 +650,9 @@ def score_directory(results_dir, compat=None, judge=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # normalised score across models and output files
 
-
 def normalized_scores(scores_by_model):
-    """llaso-mini's recipe (the paper's formula is not public and its pool of models differs): for every test file
-    scored in all directories, min-max normalise its primary metric across them, invert lower-is-better metrics,
-    skip files where all tie, and average per model."""
+    """llaso-mini's recipe (the paper's formula is not public): each test file's primary metric, min-max normalised
+    across the directories that all scored it (lower-is-better inverted, ties skipped), averaged per model."""
     models = list(scores_by_model)
     shared = set.intersection(*(set(s["files"]) for s in scores_by_model.values()))
     points = {m: [] for m in models}  # every file used adds one point to each model
@@ -868,9 +854,8 @@ def distributed():
 
 
 def default_dtype(device):
-    """bf16 on CUDA (as the reference evaluates), fp32 on CPU."""
     import torch
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # bf16: as the reference evaluates
 
 
 def load_model(ckpt, encoder=None, device="cpu", dtype=None):
@@ -957,9 +942,8 @@ def file_fingerprint(path):
 
 
 def model_files(ckpt, encoder, out):
-    """"part/path" -> fingerprint of every file the model is loaded from: the checkpoint folder, and the encoder and
-    LLM folders outside it that --encoder or a stage-1 artifact's llaso_config.json names (a hub id is only a name,
-    and llaso_config.json is fingerprinted with the checkpoint)."""
+    """"part/path" -> fingerprint of every file the model is loaded from: the checkpoint folder, and encoder and LLM
+    folders outside it that --encoder or llaso_config.json names (a hub id is only a name)."""
     ckpt, config = Path(ckpt), Path(ckpt) / "llaso_config.json"
     folders = {"ckpt": ckpt, **({"encoder": Path(encoder)} if encoder else {})}
     for part, name in (json.loads(config.read_text()) if config.is_file() else {}).items():
@@ -1012,9 +996,8 @@ def check_run(out, settings, write=True):
 
 def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max_new_tokens=256, workers=2,
                    stop_after=None, compat_chunks=False, dtype=None):
-    """Greedy answers for every record of every test file, written to out/<stem>.json; a rank's share of a file is
-    sorted by length (similar prompts pad less). stop_after (tests) ends the run after that many batches, as a crash
-    would. Returns (files completed, files in total, error entries)."""
+    """Greedy answers to every record of every test file -> out/<stem>.json; returns (files completed, files in total,
+    error entries). stop_after (tests) ends the run after that many batches, as a crash would."""
     import torch
     from tqdm import tqdm
 
@@ -1039,7 +1022,7 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
         done = read_partials(out, path.stem)
         start, stop = int(corpus.starts[k]), int(corpus.starts[k + 1])
         mine = [i for i in range(start + rank, stop, world) if i - start not in done]
-        mine.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep input order
+        mine.sort(key=lambda i: -lengths[i])  # similar prompts pad less; stable: equal lengths keep input order
         batches += [mine[b: b + batch_size] for b in range(0, len(mine), batch_size)]
         todo[k] = len(mine)
     if stop_after is not None:
@@ -1086,7 +1069,6 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
 # ---------------------------------------------------------------------------------------------------------------------
 # single-record inference
 
-
 def human_turn(prompt, n_audio):
     """The human turn of a one-off question. A prompt without <audio> gets it appended: instruction first, (t,a)."""
     if prompt is None:
@@ -1120,7 +1102,6 @@ def answer_one(model, prompt=None, audio=(), max_new_tokens=256):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # command line
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
