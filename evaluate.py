@@ -886,8 +886,7 @@ def read_partials(out, stem):
 
 
 def append_rows(path, rows):
-    with path.open("a+b") as f:
-        f.seek(0, os.SEEK_END)
+    with path.open("a+b") as f:  # positioned at the end
         if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
             f.write(b"\n")  # close a line cut short by a crash, so the new rows parse
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
@@ -1112,11 +1111,10 @@ def main(argv=None):
     gen.add_argument("--out", help="results directory: one <stem>_test.json per test file, scores.json, scores.md")
     gen.add_argument("--encoder", help="Whisper id or directory instead of the checkpoint's (default for the released "
                      "checkpoint: openai/whisper-large-v3)")
-    gen.add_argument("--batch-size", type=int, default=16, help="records per generate call; 1 = the reference's "
-                     "exact protocol (in bf16 a batch may flip a token in a rare near-tie)")
+    gen.add_argument("--batch-size", type=int, default=16, help="records per generate call (1 = as the reference)")
     gen.add_argument("--max-new-tokens", type=int, default=256, help="greedy decoding budget (reference: 256)")
-    gen.add_argument("--compat-chunks", action="store_true", help="the reference's 480,001-sample chunk slicing "
-                     "(drops one sample per full 30 s chunk); default: exact 30 s chunks")
+    gen.add_argument("--compat-chunks", action="store_true", help="the reference's 480,001-sample chunks (one "
+                     "sample dropped per full 30 s chunk); default: exact 30 s chunks")
     gen.add_argument("--workers", type=int, default=2, help="DataLoader workers reading audio and making log-mels")
     gen.add_argument("--precision", choices=["bf16", "fp32"], help="the model's dtype, in training's numerics "
                      "(RoPE's inv_freq stays fp32); default: bf16 on CUDA (as the reference evaluates), fp32 on CPU")
@@ -1135,8 +1133,7 @@ def main(argv=None):
                        "(API key: $OPENAI_API_KEY, sent to this URL's host only)")
     score.add_argument("--judge-key", help=argparse.SUPPRESS)  # refused below: kept to explain why
     score.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (pin a dated version for reports)")
-    score.add_argument("--plot", metavar="FILE.png", help="after scoring: a radar of every directory over the tasks "
-                       "and one bar panel per metric family (needs matplotlib)")
+    score.add_argument("--plot", metavar="FILE.png", help="after scoring: radar and bars of the dirs (matplotlib)")
     args = parser.parse_args(argv)
     if args.judge_key is not None:
         parser.error("--judge-key: a key on the command line is visible to every user of this machine (ps, shell "
