@@ -1,4 +1,4 @@
-"""LLaSO-Eval for llaso-mini: greedy answers to every test file, then their scores; and one-off answers.
+r"""LLaSO-Eval for llaso-mini: greedy answers to every test file, then their scores; and one-off answers.
 
 Generation, then scoring of --out (README "evaluate.py": decoding, batching, precision, resuming, bad records):
 
@@ -767,6 +767,7 @@ def plot_scores(all_scores, path):
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.patches import Patch
+
     names = [Path(d).name for d in all_scores]
     per_model = []  # per directory: (category, task) -> its files' entries; open-ended QA: one axis per modality
     for scores in all_scores.values():
@@ -801,6 +802,7 @@ def plot_scores(all_scores, path):
                  loc="upper right", bbox_to_anchor=(1.12, 1.12), fontsize=10, title="task category (label colour)")
     radar.text(-0.12, -0.08, "axis scales (0..1, outward = better):\n" + how, transform=radar.transAxes,
                fontsize=9, va="top")
+
     for row, (title, metrics) in enumerate(FAMILIES):
         panel = fig.add_subplot(grid[row, 1])
         bars = []  # (label, [value per model])
