@@ -1115,17 +1115,13 @@ def main(argv=None):
                      "checkpoint: openai/whisper-large-v3)")
     gen.add_argument("--batch-size", type=int, default=16, help="records per generate call (1 = as the reference)")
     gen.add_argument("--max-new-tokens", type=int, default=256, help="greedy decoding budget (reference: 256)")
-    gen.add_argument("--compat-chunks", action="store_true", help="the reference's 480,001-sample chunks (one "
-                     "sample dropped per full 30 s chunk); default: exact 30 s chunks")
+    gen.add_argument("--compat-chunks", action="store_true", help="the reference's 480,001-sample chunks, not 30 s")
     gen.add_argument("--workers", type=int, default=2, help="DataLoader workers reading audio and making log-mels")
-    gen.add_argument("--precision", choices=["bf16", "fp32"], help="the model's dtype, in training's numerics "
-                     "(RoPE's inv_freq stays fp32); default: bf16 on CUDA (as the reference evaluates), fp32 on CPU")
-    gen.add_argument("--preset", choices=["tiny"], help="tiny: defaults --ckpt out/instruct, --data sample/LLaSO-Eval, "
-                     "--audio-root sample/audio, --out out/eval")
+    gen.add_argument("--precision", choices=["bf16", "fp32"], help="default bf16 on CUDA (reference), fp32 on CPU")
+    gen.add_argument("--preset", choices=["tiny"], help="tiny: sample eval set, out/instruct -> out/eval")
     one = parser.add_argument_group("single-record inference (prints the answer)")
     one.add_argument("--audio", nargs="+", metavar="WAV", help="audio file(s), one per <audio> in --prompt")
-    one.add_argument("--prompt", help="human turn; without <audio> one is appended after it (instruction first); "
-                     "without --prompt the turn is just <audio>")
+    one.add_argument("--prompt", help="human turn (default: <audio>); one without <audio> gets it appended")
     score = parser.add_argument_group("scoring")
     score.add_argument("--score", nargs="+", metavar="RESULTS_DIR", help="score the prediction files in each dir")
     score.add_argument("--compat", choices=["llaso", "standard"], help="llaso: the reference scripts' numbers; "
