@@ -1,7 +1,6 @@
-"""LLaSO-Eval for llaso-mini: generation of every test file, then scoring; and one-off answers.
+r"""LLaSO-Eval for llaso-mini: greedy answers to every test file, then their scores; and one-off answers.
 
-Generate as the reference does (greedy, 256 new tokens, stop on <|eot_id|>/<|eom_id|>/<|end_of_text|>, new tokens
-decoded without special tokens and stripped), then score the results directory:
+Generation, then scoring of --out (README "evaluate.py": decoding, batching, precision, resuming, bad records):
 
     python evaluate.py --preset tiny                                   # sample eval set, out/instruct -> out/eval
     python evaluate.py --ckpt out/instruct --data LLaSO-Eval --audio-root /data/llaso --out results/llaso-mini
@@ -9,54 +8,29 @@ decoded without special tokens and stripped), then score the results directory:
         --data LLaSO-Eval --audio-root /data/llaso --out results/llaso-base       # the released checkpoint
     torchrun --nproc_per_node=8 evaluate.py --ckpt ... --data ... --audio-root ... --out ...   # one node, 8 GPUs
 
---data takes test files or folders (searched recursively for *_test.json). Each test file gives RESULTS_DIR/<same
-name>: its records, in input order, with all their fields plus "answer" (JSON, indent 2, UTF-8). A record that
-cannot be evaluated (missing or unreadable audio, malformed record) is never dropped: it gets "answer": "" and an
-"error" naming file, record and reason; the scorer counts it as an empty answer and lists it in scores.md.
-bf16 on CUDA (as the reference), fp32 on CPU; --precision bf16/fp32 chooses (bf16 runs on a CPU too).
-
-Batching: LLaSO.generate left-pads with position ids that skip the pads, so a record's answer does not depend on
-its batch (tested in fp32; in bf16 a rare near-tie may flip a token: --batch-size 1 is the reference's protocol).
-
-Resuming: answers are appended per batch to RESULTS_DIR/.partial/<stem>.rank<r>.jsonl; rerunning the same command
-answers only what is missing, and <stem>_test.json is written (atomically) once all its records are answered.
-Files already written are skipped. RESULTS_DIR/.partial/run.json pins checkpoint and settings: a rerun with others
-is refused. Under torchrun the records of each file are split across ranks by index stride; rank 0 merges.
-
-One record (prints the answer):
+One record, printing the answer (a prompt without <audio> gets it appended; put it first for the (a,t) form):
 
     python evaluate.py --ckpt out/instruct --audio question.wav --prompt "Answer the question."   # (t,a)
     python evaluate.py --ckpt out/instruct --audio question.wav                                 # (a): turn = <audio>
     python evaluate.py --ckpt out/instruct --prompt "What is the capital of France?"              # text only
 
-A prompt without <audio> gets it appended after the text (instruction first: the common (t,a) form); put <audio>
-at the start of --prompt for the audio-first (a,t) form.
-
-Score a directory of prediction files alone: one file per test file, `<stem>_test.json` (a JSON list of records) or
-`<stem>_test.jsonl` (one record a line), records with `conversations` = [human, gpt = gold] and the prediction in
-`answer`, `prediction` or `result`; judge verdicts in `gpt_result/` beside them. A folder without any fails.
+Scoring directories of prediction files (README "Scoring": file layout, every rule of both modes, the judge):
 
     python evaluate.py --score results/llaso-mini                      # correct metrics (default)
     python evaluate.py --score results/qwen2-audio --compat llaso      # the reference scripts' numbers, quirks included
     python evaluate.py --score results/qwen2-audio --compat standard   # default, but WER/CER/PER un-normalised
     python evaluate.py --score results/A results/B results/C           # + normalised score across the three
     OPENAI_API_KEY=... python evaluate.py --score results/A --judge-url https://api.openai.com/v1/chat/completions
-
-Each directory gets `scores.json` (per file, per task/category/modality, summary; rates as fractions, abstention in
-percent) and `scores.md`. Judge means are read from `gpt_result/<stem>.jsonl` (--judge-url fills in the missing
-ones; the key comes from $OPENAI_API_KEY and goes to that URL's host only). Nothing is coerced: an answer that is not
-a string is an error entry (scored as an empty answer), a record whose gold is empty or not a string is left out;
-both are counted and listed. README "Scoring" states every rule of both modes. The normalised score (>1 directory,
-or --normalized) is llaso-mini's own min-max recipe, NOT comparable with the paper's 0.72 (see normalized_scores).
 """
 import argparse
+import datetime
+import hashlib
 import json
 import os
 import re
 import statistics
 import sys
 import unicodedata
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import NamedTuple
@@ -75,8 +49,7 @@ QA_SOURCES = ("alpacaDan", "dolly", "orca", "tigerbot_alpaca", "tigerbot_multich
 CATALOGUE = {
     "ASR": ("ASR", LING, "asr"),
     "phoneme_recognition": ("phoneme recognition", LING, "per"),
-    "pronunciation_scoring_sentence_level": ("pronunciation scoring", LING, "pron"),
-    "pronunciation_scoring_word_level": ("pronunciation scoring", LING, "pron"),
+    **{f"pronunciation_scoring_{s}_level": ("pronunciation scoring", LING, "pron") for s in ("sentence", "word")},
     **{f"{s}_{c}": ("open-ended QA", SEM, "judge") for s in QA_SOURCES for c in ("input_1", "instruction_0")},
     **{s: ("open-ended QA", SEM, "judge") for s in ("1M_GPT4_end", "3.5M_GPT3.5_end", "alpaca_gpt4_end",
                                                      "code_alpaca_end")},
@@ -85,14 +58,11 @@ CATALOGUE = {
     "speechcommand_recognition": ("speech command", SEM, "judge+acc"),
     **{f"{c}_gender_classification": ("gender", SPK, "acc")
        for c in ("common-voice", "vctk", "voxceleb", "vocalsound")},
-    "common-voice_age_classification": ("age classification", SPK, "acc"),
-    "vctk_age_classification": ("age classification", SPK, "acc"),
+    **{f"{c}_age_classification": ("age classification", SPK, "acc") for c in ("common-voice", "vctk")},
     "vocalsound_age_prediction": ("age prediction", SPK, "age"),
     **{f"{c}_classification": ("accent", SPK, "acc") for c in ("accentdb_AI", "common-voice_accent", "vctk_accent")},
-    "CREMAD_ER_classification": ("emotion recognition", SPK, "acc"),
-    "meld_ER_classification": ("emotion recognition", SPK, "acc"),
-    "CREMAD_EIE_classification": ("emotion intensity", SPK, "acc"),
-    "meld_EIE_classification": ("emotion intensity", SPK, "acc"),
+    **{f"{c}_ER_classification": ("emotion recognition", SPK, "acc") for c in ("CREMAD", "meld")},
+    **{f"{c}_EIE_classification": ("emotion intensity", SPK, "acc") for c in ("CREMAD", "meld")},
     "meld_SV_classification": ("speaker verification", SPK, "acc"),
     "Synthetic_Audio_Classification": ("synthetic speech detection", SPK, "acc"),
     "vocalsound_vocal_classification": ("vocal sound", SPK, "acc"),
@@ -108,26 +78,21 @@ LOWER_IS_BETTER = {"wer", "cer", "per", "mae"}
 METRICS = ["wer", "cer", "per", "accuracy", "abstention_pct", "mae", "judge_mean"]  # column order of every table
 
 
-def infer_task(stem, golds):
-    """Guess (task, category, kind) of a stem outside the catalogue from its name, then from its golds."""
-    s = stem.lower()
-    if s.startswith("asr"):
-        kind = "asr"
-    else:
-        by_name = [("phoneme", "per"), ("pronunciation", "pron"), ("age_prediction", "age"), ("pitch", "pitch"),
-                   ("classification", "acc")]
-        kind = next((k for word, k in by_name if word in s), None)
+def task_of(stem, rows):
+    """(task, category, kind); a stem outside the catalogue gets a kind guessed from its name, then from its golds."""
+    base = stem.removesuffix("_test")
+    if base in CATALOGUE:
+        return CATALOGUE[base]
+    s = base.lower()
+    by_name = [("phoneme", "per"), ("pronunciation", "pron"), ("age_prediction", "age"), ("pitch", "pitch"),
+               ("classification", "acc")]
+    kind = "asr" if s.startswith("asr") else next((k for word, k in by_name if word in s), None)
     if kind is None and s.endswith(("_end", "_input_1", "_instruction_0")):
         kind = "judge"
     if kind is None:  # a small set of short golds looks like a closed label set, anything else goes to the judge
-        labels = {label_norm(g) for g in golds}
-        kind = "acc" if len(labels) <= min(50, len(golds) / 2) and all(len(l.split()) <= 3 for l in labels) else "judge"
+        labels = {label_norm(row.gold) for row in rows}
+        kind = "acc" if len(labels) <= min(50, len(rows) / 2) and all(len(l.split()) <= 3 for l in labels) else "judge"
     return "unknown", "unknown", kind
-
-
-def task_of(stem, rows):
-    base = stem.removesuffix("_test")
-    return CATALOGUE.get(base) or infer_task(base, [row.gold for row in rows])
 
 
 def modality(stem, humans):
@@ -174,25 +139,19 @@ def prediction_files(results_dir):
     for path in sorted(results_dir.iterdir()):
         if path.suffix in PREDICTION_SUFFIXES and path.is_file() and path.name != "scores.json":
             found.setdefault(path.stem, []).append(path)
-    if not found:
-        raise NothingToScore(nothing_to_score(results_dir))
-    return found
-
-
-def nothing_to_score(results_dir):
-    """What a folder holds instead of prediction files, and where some may be (a subfolder per model, say)."""
-    def describe(path):
+    if found:
+        return found
+    instead = []  # what the folder holds instead, and where prediction files may be (a subfolder per model, say)
+    for path in sorted(results_dir.iterdir()):
         inside = sum(f.suffix in PREDICTION_SUFFIXES for f in path.iterdir()) if path.is_dir() else None
-        return path.name if inside is None else f"{path.name}/ ({inside} prediction file{'s' * (inside != 1)})"
-
-    found = [describe(path) for path in sorted(results_dir.iterdir())]
-    return (f"{results_dir}: no prediction files (<stem>_test.json lists or <stem>_test.jsonl, one record a line) to "
-            f"score; found instead: {', '.join(found[:20]) or 'nothing'}{' ...' * (len(found) > 20)}")
+        instead.append(path.name if inside is None else f"{path.name}/ ({inside} prediction file{'s' * (inside != 1)})")
+    raise NothingToScore(f"{results_dir}: no prediction files (<stem>_test.json lists or <stem>_test.jsonl, one record "
+                         f"a line) to score; found instead: {', '.join(instead[:20]) or 'nothing'}"
+                         f"{' ...' * (len(instead) > 20)}")
 
 
 def read_records(path):
-    """A JSON list of records, or JSONL (one record a line, blank lines ignored), told apart by the first character:
-    generation writes a list under the test file's own name, which may end in .jsonl."""
+    """A JSON list (as generation writes, even under a .jsonl name) or JSONL, told apart by the first character."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
@@ -216,8 +175,7 @@ def read_records(path):
 
 
 def load_results(path):
-    """-> Predictions of one file; raises ValueError naming the file and record if the file cannot be scored.
-    An answer that is not a string (a list, an object, null) is an error entry, like an "error" record."""
+    """Predictions of one file (an answer that is not a string is an error entry); ValueError names file and record."""
     rows, errors, unscorable = [], [], []
     for i, record in enumerate(read_records(path)):
         where = f"{path.name} record {i}"
@@ -273,12 +231,9 @@ def error_rate(out):
 
 
 def wer_cer(golds, preds, compat):
-    if compat == "llaso":  # reference quirk kept on purpose: gold passed as hypothesis, answer as reference
-        refs, hyps = preds, golds
-    elif compat == "standard":
-        refs, hyps = golds, preds
-    else:
-        refs, hyps = [normalize_text(g) for g in golds], [normalize_text(p) for p in preds]
+    refs, hyps = (preds, golds) if compat == "llaso" else (golds, preds)  # llaso: the reference's role swap, on purpose
+    if compat is None:
+        refs, hyps = [normalize_text(r) for r in refs], [normalize_text(h) for h in hyps]
     # jiwer 4 accepts empty strings: an empty hypothesis aligns as all deletions, an empty reference as insertions
     w = jiwer.process_words(refs, hyps, reference_transform=RAW_WORDS, hypothesis_transform=RAW_WORDS)
     c = jiwer.process_characters(refs, hyps, reference_transform=RAW_CHARS, hypothesis_transform=RAW_CHARS)
@@ -316,18 +271,15 @@ def ipa_phones(text):
     return phones
 
 
-def edit_distance(a, b):
-    out = jiwer.process_words(" ".join(a), " ".join(b))  # symbols never contain spaces
-    return out.substitutions + out.deletions + out.insertions
-
-
 def phone_error_rate(golds, preds, compat):
     if compat in ("llaso", "standard"):  # per-utterance rate, mean over utterances
         rates = []
         for gold, pred in zip(golds, preds):
             g, p = timit_letters(gold), timit_letters(pred)
+            out = jiwer.process_words(" ".join(g), " ".join(p))  # letters as words: edits of the letter sequences
+            edits = out.substitutions + out.deletions + out.insertions
             denominator = p if compat == "llaso" else g  # llaso: divides by the answer side (role swap as in WER)
-            rates.append(edit_distance(g, p) / len(denominator) if denominator else float(bool(g or p)))
+            rates.append(edits / len(denominator) if denominator else float(bool(g or p)))
         return {"per": statistics.fmean(rates) if rates else None}
     refs = [" ".join(ipa_phones(g)) for g in golds]
     hyps = [" ".join(ipa_phones(p)) for p in preds]
@@ -338,17 +290,14 @@ def phone_error_rate(golds, preds, compat):
 # ---------------------------------------------------------------------------------------------------------------------
 # closed-set accuracy and abstention
 
-
 def label_norm(text):
     return text.strip().lower().rstrip(". ").strip()
 
 
 def labels_named(prediction, labels, nested=True):
-    """Labels named in the prediction at word boundaries, so that "male" is not found inside "female".
-
-    A label found only inside a longer label that the prediction names ("irish" in "northern irish", "hue lightup"
-    in "iot hue lightup") is part of that label, not a second one; nested=False counts it, as the reference does.
-    """
+    """Labels named in the prediction at word boundaries ("male" is not in "female"). A label found only inside a
+    longer named label ("irish" in "northern irish") is part of it, not a second one; nested=False counts it, as the
+    reference does."""
     text = prediction.strip().lower()
     spans = {l: [m.span() for m in re.finditer(rf"(?<![a-z0-9]){re.escape(l)}(?![a-z0-9])", text)] for l in labels}
     spans = {l: found for l, found in spans.items() if found}
@@ -369,9 +318,9 @@ def accuracy(golds, preds, compat):
         for gold, pred in zip(golds, preds):
             t, p = gold.replace(".", "").lower(), pred.replace(".", "").lower()
             correct += t == p or (t in p and not any(l != t and l in p for l in labels))
-        return {"accuracy": correct / len(golds)}
-    labels = {label_norm(g) for g in golds} - {""}
-    correct = sum(labels_named(p, labels) == {label_norm(g)} for g, p in zip(golds, preds))
+    else:
+        labels = {label_norm(g) for g in golds} - {""}
+        correct = sum(labels_named(p, labels) == {label_norm(g)} for g, p in zip(golds, preds))
     return {"accuracy": correct / len(golds)}
 
 
@@ -385,7 +334,6 @@ def abstention(golds, preds, compat):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # MAE (age prediction, pitch)
-
 
 def first_or_range(numbers, text):
     """Reference rule: "20-30" -> mean of the first two numbers, otherwise the first number."""
@@ -405,9 +353,8 @@ def parse_age(text):
 
 
 def parse_pitch(text):
-    """A MIDI note number is an integer: the text as an integer, else the nearest integer to the text as a float,
-    to its first number, or to the midpoint of a range "60-64" (Python round: half to even; both modes, as the
-    reference); None if there is no number."""
+    """A MIDI note (an integer): the text as an integer, else the nearest integer to the text as a float, to its first
+    number or to a range's midpoint "60-64" (half to even, both modes, as the reference); None without a number."""
     text = text.strip()
     try:
         return int(text)
@@ -462,13 +409,9 @@ def parse_pron(text):
 def pron_agreement(golds, preds):
     """Exact agreement per aspect over the items where gold and answer both parse (reference output names)."""
     pairs = [(g, p) for g, p in ((parse_pron(g), parse_pron(p)) for g, p in zip(golds, preds)) if g and p]
-
-    def agreement(aspect):
-        return sum(g[aspect] == p[aspect] for g, p in pairs) / len(pairs) if pairs else 0.0
-
-    return {"pron_agreement": {"accuracy": agreement("accuracy"), "prosodic_accuracy": agreement("prosodic"),
-                               "fluency_accuracy": agreement("fluency"), "matched_entries": len(pairs),
-                               "total_entries": len(golds)}}
+    names = {"accuracy": "accuracy", "prosodic_accuracy": "prosodic", "fluency_accuracy": "fluency"}
+    agreement = {name: sum(g[a] == p[a] for g, p in pairs) / len(pairs) if pairs else 0.0 for name, a in names.items()}
+    return {"pron_agreement": {**agreement, "matched_entries": len(pairs), "total_entries": len(golds)}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -527,14 +470,13 @@ def judge_means(verdicts, rows, compat):
         verdict = verdicts.get(row.index)
         if verdict is None:
             continue
+        score = verdict_score(verdict)
         if verdict.get("predicted", row.prediction.strip()) != row.prediction.strip():
             stale += 1  # judged an older prediction: not this model's answer any more
-            continue
-        score = verdict_score(verdict)
-        if score is None or not 1 <= score <= 5:
+        elif score is None or not 1 <= score <= 5:
             unparsed += 1
-            continue
-        scores.append(score)
+        else:
+            scores.append(score)
     return {"judge_mean": statistics.fmean(scores) if scores else None, "judge_n": len(scores),
             "judge_coverage": len(scores) / len(rows), "judge_unparsed": unparsed, "judge_stale": stale}
 
@@ -576,20 +518,19 @@ def ask_judge(url, key, model, temperature, reference, predicted, timeout=120):
 
 
 def judge_file(results_dir, path, rows, url, key, model, temperature):
-    """Ask the judge about every record without a current verdict (one whose "predicted" is the record's current
-    answer); appends to gpt_result/<stem>.jsonl (cache), keyed by the record's index in the prediction file."""
+    """Ask the judge about every record without a verdict on its current answer; appends to gpt_result/<stem>.jsonl
+    (the cache), keyed by the record's index in the prediction file."""
     verdicts_path = results_dir / "gpt_result" / f"{path.stem}.jsonl"
     verdicts = read_verdicts(verdicts_path)
-    todo = [row for row in rows
-            if row.index not in verdicts or verdicts[row.index].get("predicted") != row.prediction.strip()]
+    todo = [row for row in rows if verdicts.get(row.index, {}).get("predicted") != row.prediction.strip()]
     verdicts_path.parent.mkdir(exist_ok=True)
     failed = unparsed = 0
-    with verdicts_path.open("a", encoding="utf-8") as f:
+    with verdicts_path.open("a", encoding="utf-8", buffering=1) as f:  # line-buffered: each verdict is kept at once
         for row in todo:
             reference, predicted = row.gold.strip(), row.prediction.strip()
             try:
                 evaluation = ask_judge(url, key, model, temperature, reference, predicted)
-            except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError) as error:
+            except (OSError, KeyError, IndexError, ValueError) as error:  # URLError and HTTPError are OSErrors
                 print(f"judge failed on {path.name} record {row.index}: {error}", file=sys.stderr)
                 failed += 1  # not written, so the next run retries it
                 continue
@@ -597,13 +538,11 @@ def judge_file(results_dir, path, rows, url, key, model, temperature):
                        "evaluation": evaluation}
             unparsed += verdict_score(verdict) is None
             f.write(json.dumps(verdict, ensure_ascii=False) + "\n")
-            f.flush()
     print(f"judge {path.stem}: {len(todo) - failed} new verdicts, {failed} failed, {unparsed} without a score")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # scoring a directory
-
 
 def score_file(results_dir, stem, rows, compat):
     task, category, kind = task_of(stem, rows)
@@ -612,14 +551,9 @@ def score_file(results_dir, stem, rows, compat):
              "primary": PRIMARY[kind][0], "n": len(rows)}
     if not rows:
         return entry
-    if kind == "asr":
-        entry.update(wer_cer(golds, preds, compat))
-    if kind == "per":
-        entry.update(phone_error_rate(golds, preds, compat))
-    if kind in ("acc", "judge+acc"):
-        entry.update(accuracy(golds, preds, compat))
-    if kind == "acc":
-        entry.update(abstention(golds, preds, compat))
+    text_metrics = {"asr": [wer_cer], "per": [phone_error_rate], "acc": [accuracy, abstention], "judge+acc": [accuracy]}
+    for metric in text_metrics.get(kind, []):
+        entry.update(metric(golds, preds, compat))
     if kind in ("age", "pitch"):
         entry.update(mae(golds, preds, compat, kind))
     if kind == "pron":
@@ -636,17 +570,14 @@ def mean_of(entries, key):
 
 def group_table(files, field, keys):
     """Unweighted mean over files of each file's primary metrics, grouped by task / category / modality."""
-    groups = {}
-    for entry in files.values():
-        groups.setdefault(entry[field], []).append(entry)
     table = {}
-    for name, entries in sorted(groups.items()):
-        row = {"files": len(entries), "n": sum(e["n"] for e in entries)}
+    for name in sorted({e[field] for e in files.values()}):
+        entries = [e for e in files.values() if e[field] == name]
+        row = table[name] = {"files": len(entries), "n": sum(e["n"] for e in entries)}
         for key in keys:
             value = mean_of([e for e in entries if key in PRIMARY[e["kind"]]], key)
             if value is not None:
                 row[key] = value
-        table[name] = row
     return table
 
 
@@ -679,20 +610,6 @@ def listing(records):
     return shown + (f"; and {len(records) - LISTED} more (all in scores.json)" if len(records) > LISTED else "")
 
 
-def record_notes(stem, entry, predictions):
-    """Count and list the records not scored as given: error entries and records without a usable gold."""
-    notes = []
-    if predictions.errors:
-        entry["errors"], entry["error_records"] = len(predictions.errors), predictions.errors
-        notes.append(f"`{stem}`: {n_records(len(predictions.errors))} could not be evaluated (error entries or answers "
-                     f"that are not text; scored as empty answers): {listing(predictions.errors)}")
-    if predictions.unscorable:
-        entry["unscorable"], entry["unscorable_records"] = len(predictions.unscorable), predictions.unscorable
-        notes.append(f"`{stem}`: {n_records(len(predictions.unscorable))} left out of every metric (no usable gold): "
-                     f"{listing(predictions.unscorable)}")
-    return notes
-
-
 def score_directory(results_dir, compat=None, judge=None):
     """Score every prediction file in results_dir -> scores dict (also the content of scores.json)."""
     results_dir = Path(results_dir)
@@ -707,16 +624,23 @@ def score_directory(results_dir, compat=None, judge=None):
             notes.append(f"skipped {error}")
             print(f"error: {results_dir}/{error}", file=sys.stderr)
             continue
-        rows = predictions.rows
+        rows, errors, unscorable = predictions
         if judge and task_of(stem, rows)[2] in JUDGED:
             judge_file(results_dir, paths[0], rows, **judge)
-        files[stem] = score_file(results_dir, stem, rows, compat)
-        notes += record_notes(stem, files[stem], predictions)
-        if files[stem]["kind"] in JUDGED and not files[stem].get("judge_n"):
+        entry = files[stem] = score_file(results_dir, stem, rows, compat)
+        if errors:  # counted and listed: the records not scored as given
+            entry["errors"], entry["error_records"] = len(errors), errors
+            notes.append(f"`{stem}`: {n_records(len(errors))} could not be evaluated (error entries or answers that "
+                         f"are not text; scored as empty answers): {listing(errors)}")
+        if unscorable:
+            entry["unscorable"], entry["unscorable_records"] = len(unscorable), unscorable
+            notes.append(f"`{stem}`: {n_records(len(unscorable))} left out of every metric (no usable gold): "
+                         f"{listing(unscorable)}")
+        if entry["kind"] in JUDGED and not entry.get("judge_n"):
             notes.append(f"`{stem}`: no judge verdicts in gpt_result/{stem}.jsonl (run with --judge-url)")
-        if files[stem]["task"] == "unknown":
-            notes.append(f"`{stem}` is not a LLaSO-Eval file: scored as `{files[stem]['kind']}` (inferred from its "
-                         "name and golds)")
+        if entry["task"] == "unknown":
+            notes.append(f"`{stem}` is not a LLaSO-Eval file: scored as `{entry['kind']}` (inferred from its name and "
+                         "golds)")
     keys = [k for k in METRICS if k != "mae"]  # MAE per task only: years and semitones do not average
     return {"mode": compat or "default", "files": files, "summary": summarize(files),
             "tasks": group_table(files, "task", keys + ["mae"]), "categories": group_table(files, "category", keys),
@@ -726,25 +650,22 @@ def score_directory(results_dir, compat=None, judge=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # normalised score across models and output files
 
-
 def normalized_scores(scores_by_model):
-    """llaso-mini's recipe (the paper's formula is not public and its pool of models differs): for every test file
-    scored in all directories, min-max normalise its primary metric across them, invert lower-is-better metrics,
-    skip files where all tie, and average per model."""
+    """llaso-mini's recipe (the paper's formula is not public): each test file's primary metric, min-max normalised
+    across the directories that all scored it (lower-is-better inverted, ties skipped), averaged per model."""
     models = list(scores_by_model)
     shared = set.intersection(*(set(s["files"]) for s in scores_by_model.values()))
-    points, used = {m: [] for m in models}, 0
+    points = {m: [] for m in models}  # every file used adds one point to each model
     for stem in sorted(shared):
         key = scores_by_model[models[0]]["files"][stem]["primary"]
         values = {m: scores_by_model[m]["files"][stem].get(key) for m in models}
         if any(v is None for v in values.values()) or max(values.values()) == min(values.values()):
             continue  # unscored somewhere, or a tie that carries no information
-        used += 1
         low, high = min(values.values()), max(values.values())
         for m, v in values.items():
             x = (v - low) / (high - low)
             points[m].append(1 - x if key in LOWER_IS_BETTER else x)
-    return {m: statistics.fmean(p) if p else None for m, p in points.items()}, used
+    return {m: statistics.fmean(p) if p else None for m, p in points.items()}, len(points[models[0]])
 
 
 NORMALIZED_NOTE = ("llaso-mini recipe (min-max per file across this pool, lower-is-better inverted, mean over files); "
@@ -785,42 +706,36 @@ def scores_markdown(title, scores):
 
 def score_directories(dirs, compat=None, normalized=False, judge=None):
     all_scores = {str(d): score_directory(d, compat, judge) for d in dirs}
-    if len(dirs) > 1 or normalized:
-        if len(dirs) < 2:
-            print("note: a normalised score needs at least two directories to compare", file=sys.stderr)
-        else:
-            values, used = normalized_scores(all_scores)
-            for d, value in values.items():
-                all_scores[d]["summary"]["normalized_score"] = {"value": value, "files_used": used,
-                                                                "pool": [Path(p).name for p in dirs],
-                                                                "note": NORMALIZED_NOTE}
+    if normalized and len(dirs) < 2:
+        print("note: a normalised score needs at least two directories to compare", file=sys.stderr)
+    elif len(dirs) > 1:
+        values, used = normalized_scores(all_scores)
+        pool = [Path(d).name for d in dirs]
+        for d, value in values.items():
+            all_scores[d]["summary"]["normalized_score"] = {"value": value, "files_used": used, "pool": pool,
+                                                            "note": NORMALIZED_NOTE}
     for d, scores in all_scores.items():
         Path(d, "scores.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         Path(d, "scores.md").write_text(scores_markdown(Path(d).name, scores), encoding="utf-8")
-        s = scores["summary"]
-        shown = {k: s[k] for k in ("wer", "per", "accuracy", "abstention_pct", "judge_mean") if k in s}
-        line = " ".join(f"{k}={fmt(v)}" for k, v in shown.items())
+        s, shown = scores["summary"], ("wer", "per", "accuracy", "abstention_pct", "judge_mean")
+        line = " ".join(f"{k}={fmt(s[k])}" for k in shown if k in s)
         if "normalized_score" in s:
             line += f" normalized={fmt(s['normalized_score']['value'])}"
         shown_columns = [c for c in METRICS if any(c in row for row in scores["tasks"].values())]
         print(md_table(scores["tasks"], ["files", "n"] + shown_columns, "task"))
         print(f"{d}: {s['n_files']} files, {s['n_items']} items, {line}\n  -> {Path(d, 'scores.md')} "
               f"(every file, task, category, modality) and scores.json")
-        print_unscored(scores)
+        for key, what in (("error_records", "could not be evaluated (error entries or answers that are not text), "
+                                            "scored as empty answers"),
+                          ("unscorable_records", "without a usable gold, left out of every metric")):
+            records = [r for entry in scores["files"].values() for r in entry.get(key, [])]
+            if records:  # named on the terminal too, as in scores.md
+                print(f"  {n_records(len(records))} {what}:")
+                print("".join(f"    {r}\n" for r in records[:LISTED]), end="")
+                if len(records) > LISTED:
+                    more = len(records) - LISTED
+                    print(f"    ... and {more} more (scores.md names {LISTED} per file, scores.json all)")
     return all_scores
-
-
-def print_unscored(scores):
-    """The terminal summary names the records not scored as given, like scores.md."""
-    for key, what in (("error_records", "could not be evaluated (error entries or answers that are not text), "
-                                        "scored as empty answers"),
-                      ("unscorable_records", "without a usable gold, left out of every metric")):
-        records = [r for entry in scores["files"].values() for r in entry.get(key, [])]
-        if records:
-            print(f"  {n_records(len(records))} {what}:")
-            print("".join(f"    {r}\n" for r in records[:LISTED]), end="")
-            if len(records) > LISTED:
-                print(f"    ... and {len(records) - LISTED} more (scores.md names {LISTED} per file, scores.json all)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -836,15 +751,6 @@ FAMILIES = [("error rate ↓", ("wer", "cer", "per")), ("closed-set accuracy ↑
             ("MAE ↓ (age: years, pitch: semitones)", ("mae",))]
 
 
-def radar_axes(scores):
-    """(category, task) -> its files' entries; open-ended QA is one axis per modality configuration."""
-    axes = {}
-    for stem, e in scores["files"].items():
-        name = f"{e['task']} {e['modality']}" if e["task"] == "open-ended QA" else e["task"]
-        axes.setdefault((e["category"], name), []).append(e)
-    return axes
-
-
 def unit_value(entries):
     values = []
     for e in entries:
@@ -857,14 +763,18 @@ def unit_value(entries):
 def plot_scores(all_scores, path):
     """One figure: the radar (one polygon per results directory) on the left, the metric families on the right."""
     import matplotlib
-
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.patches import Patch
 
     names = [Path(d).name for d in all_scores]
-    per_model = [radar_axes(s) for s in all_scores.values()]
+    per_model = []  # per directory: (category, task) -> its files' entries; open-ended QA: one axis per modality
+    for scores in all_scores.values():
+        per_model.append({})
+        for e in scores["files"].values():
+            name = f"{e['task']} {e['modality']}" if e["task"] == "open-ended QA" else e["task"]
+            per_model[-1].setdefault((e["category"], name), []).append(e)
     keys = sorted(set().union(*per_model))  # (category, task)
     fig = plt.figure(figsize=(22, 13), constrained_layout=True)
     grid = fig.add_gridspec(len(FAMILIES), 2, width_ratios=[1.05, 1])
@@ -883,7 +793,6 @@ def plot_scores(all_scores, path):
     categories = sorted({k[0] for k in keys})
     for label, key in zip(radar.get_xticklabels(), keys):  # tick colour = category
         label.set_color(plt.cm.Dark2(categories.index(key[0])))
-
     radar.set_ylim(0, 1)
     radar.set_yticks([0.25, 0.5, 0.75, 1.0], ["0.25", "0.5", "0.75", "1"], fontsize=8, color="grey")
     radar.set_title("LLaSO-Eval by task (outward = better)", fontsize=14, pad=30)
@@ -893,11 +802,14 @@ def plot_scores(all_scores, path):
                  loc="upper right", bbox_to_anchor=(1.12, 1.12), fontsize=10, title="task category (label colour)")
     radar.text(-0.12, -0.08, "axis scales (0..1, outward = better):\n" + how, transform=radar.transAxes,
                fontsize=9, va="top")
+
     for row, (title, metrics) in enumerate(FAMILIES):
         panel = fig.add_subplot(grid[row, 1])
         bars = []  # (label, [value per model])
         for metric in metrics:
-            for task in scores_tasks(all_scores, metric):
+            tasks = {task for s in all_scores.values() for task, entry in s["tasks"].items()
+                     if entry.get(metric) is not None}
+            for task in sorted(tasks):  # every task that reports `metric` in any directory
                 label = task if len(metrics) == 1 else f"{task} ({metric.upper()})"
                 bars.append((label, [s["tasks"].get(task, {}).get(metric) for s in all_scores.values()]))
         width = 0.8 / max(1, len(names))
@@ -912,23 +824,15 @@ def plot_scores(all_scores, path):
     return fig
 
 
-def scores_tasks(all_scores, metric):
-    """Tasks that report `metric` in any of the models, in name order."""
-    return sorted({task for scores in all_scores.values() for task, row in scores["tasks"].items()
-                   if row.get(metric) is not None})
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # generation: every record of every test file -> <stem>_test.json with "answer" (torch/transformers imported here only)
 
-DEFAULT_ENCODER = "openai/whisper-large-v3"
 PARTIAL = ".partial"  # RESULTS_DIR/.partial/<stem>.rank<r>.jsonl: {"i": record number, "answer": ...} per line
 
 
 def find_test_files(paths):
     """*_test.json under each folder (recursively) plus files named directly; stems must be unique."""
     from data import corpus_files
-
     files = corpus_files(paths, "*_test.json")
     stems = [f.stem for f in files]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
@@ -941,12 +845,9 @@ def distributed():
     """(rank, world size, device) from torchrun's environment; a plain `python evaluate.py` is rank 0 of 1."""
     import torch
     import torch.distributed as dist
-
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        import datetime
-
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # ranks finish their shares at slightly different times: a generous timeout for the final barrier
@@ -954,33 +855,15 @@ def distributed():
     return rank, world, device
 
 
-def barrier(world, device):
-    import torch.distributed as dist
-
-    if world > 1:
-        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
-
-
 def default_dtype(device):
-    """bf16 on CUDA (as the reference evaluates), fp32 on CPU."""
     import torch
-
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def precision_dtype(precision):
-    """--precision bf16 / fp32 as a torch dtype; None (not given): the device's default."""
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # bf16: as the reference evaluates
 
 
 def load_model(ckpt, encoder=None, device="cpu", dtype=None):
-    """The model in training's numerics: encoder and LLM loaded in `dtype` as training loads them (from_pretrained
-    keeps RoPE's inv_freq in fp32), the fp32 projector cast to `dtype` (what training's autocast computes it in).
-    Casting the whole model instead would round inv_freq to bf16: angle errors of radians after ~1,600 positions."""
+    """The model in training's numerics (README, Precision): encoder and LLM loaded in `dtype` by from_pretrained,
+    which keeps RoPE's inv_freq in fp32, and the fp32 projector cast to `dtype`, as training's autocast computes it."""
     from model import LLaSO, is_llava_checkpoint
-
     ckpt = Path(ckpt)
     if not (ckpt / "llaso_config.json").is_file() and not is_llava_checkpoint(ckpt):
         raise SystemExit(f"--ckpt {ckpt}: neither a llaso-mini artifact (llaso_config.json) nor the released "
@@ -1005,8 +888,7 @@ def read_partials(out, stem):
 
 
 def append_rows(path, rows):
-    with path.open("a+b") as f:
-        f.seek(0, os.SEEK_END)
+    with path.open("a+b") as f:  # positioned at the end
         if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
             f.write(b"\n")  # close a line cut short by a crash, so the new rows parse
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
@@ -1021,19 +903,9 @@ def write_json(path, value):
     os.replace(tmp, path)
 
 
-def output_record(record, row):
-    """The input record with all its fields plus "answer" (and "error" if the record could not be evaluated)."""
-    entry = dict(record) if isinstance(record, dict) else {} if record is None else {"record": record}
-    entry["answer"] = row["answer"]
-    if "error" in row:
-        entry["error"] = row["error"]
-    return entry
-
-
 def merge(out, path, corpus, k):
     """Write <stem>.json from the partial files once every record of test file k has a row; True if written."""
     from data import RecordError
-
     start, stop = int(corpus.starts[k]), int(corpus.starts[k + 1])
     done = read_partials(out, path.stem)
     if len(done) < stop - start:
@@ -1044,7 +916,9 @@ def merge(out, path, corpus, k):
             record = corpus.read(i)
         except RecordError:
             record = None  # its row already carries the error
-        records.append(output_record(record, done[i - start]))
+        entry = dict(record) if isinstance(record, dict) else {} if record is None else {"record": record}
+        entry.update((key, value) for key, value in done[i - start].items() if key != "i")  # answer (and error)
+        records.append(entry)
     write_json(out / path.name, records)
     for partial in (out / PARTIAL).glob(f"{path.stem}.rank*.jsonl"):
         partial.unlink()
@@ -1055,12 +929,8 @@ FINGERPRINT_BLOCK, FINGERPRINT_BLOCKS = 1 << 20, 16
 
 
 def file_fingerprint(path):
-    """"size:hash" of a file: SHA-256 of 16 evenly spaced 1 MiB blocks, the first and last included (of the whole file
-    up to 16 MiB). Retraining rewrites every tensor of a weight file, so the sampled bytes change, and 16 MiB read per
-    file keeps this to a fraction of a second for multi-GB shards. No mtime: a copy of the same checkpoint (on another
-    node, after rsync) is the same model."""
-    import hashlib
-
+    """"size:hash": SHA-256 of 16 evenly spaced 1 MiB blocks, first and last included (the whole file up to 16 MiB):
+    retraining rewrites every tensor, so they change; no mtime, so a copy of a checkpoint is the same model."""
     size, digest = path.stat().st_size, hashlib.sha256()
     with path.open("rb") as f:
         if size <= FINGERPRINT_BLOCK * FINGERPRINT_BLOCKS:
@@ -1073,9 +943,8 @@ def file_fingerprint(path):
 
 
 def model_files(ckpt, encoder, out):
-    """"part/path" -> fingerprint of every file the model is loaded from: the checkpoint folder, and the encoder and
-    LLM folders outside it that --encoder or a stage-1 artifact's llaso_config.json names (a hub id is only a name,
-    and llaso_config.json is fingerprinted with the checkpoint)."""
+    """"part/path" -> fingerprint of every file the model is loaded from: the checkpoint folder, and encoder and LLM
+    folders outside it that --encoder or llaso_config.json names (a hub id is only a name)."""
     ckpt, config = Path(ckpt), Path(ckpt) / "llaso_config.json"
     folders = {"ckpt": ckpt, **({"encoder": Path(encoder)} if encoder else {})}
     for part, name in (json.loads(config.read_text()) if config.is_file() else {}).items():
@@ -1128,14 +997,12 @@ def check_run(out, settings, write=True):
 
 def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max_new_tokens=256, workers=2,
                    stop_after=None, compat_chunks=False, dtype=None):
-    """Greedy answers for every record of every test file, written to out/<stem>.json (see the module docstring).
-    A rank's share of a file is sorted by length (batches of similar prompts pad less). stop_after (tests) ends the
-    run after that many batches, as a crash would. Returns (files completed, files in total, error entries)."""
+    """Greedy answers to every record of every test file -> out/<stem>.json; returns (files completed, files in total,
+    error entries). stop_after (tests) ends the run after that many batches, as a crash would."""
     import torch
     from tqdm import tqdm
 
     from data import Corpus, LLaSODataset, make_loader
-
     rank, world, device = distributed()
     files, out, dtype = find_test_files(data), Path(out), dtype or default_dtype(device)
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
@@ -1156,7 +1023,7 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
         done = read_partials(out, path.stem)
         start, stop = int(corpus.starts[k]), int(corpus.starts[k + 1])
         mine = [i for i in range(start + rank, stop, world) if i - start not in done]
-        mine.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep input order
+        mine.sort(key=lambda i: -lengths[i])  # similar prompts pad less; stable: equal lengths keep input order
         batches += [mine[b: b + batch_size] for b in range(0, len(mine), batch_size)]
         todo[k] = len(mine)
     if stop_after is not None:
@@ -1180,7 +1047,8 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
         if world == 1 and todo[k] == 0:
             merge(out, files[k], corpus, k)  # one process: each file appears as soon as it is complete
 
-    barrier(world, device)
+    if world > 1:  # every rank's share is written before rank 0 merges
+        torch.distributed.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     complete = sum((out / f.name).exists() for f in files)
     if rank == 0:
         complete = sum((out / f.name).exists() or merge(out, f, corpus, k) for k, f in enumerate(files))
@@ -1202,7 +1070,6 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
 # ---------------------------------------------------------------------------------------------------------------------
 # single-record inference
 
-
 def human_turn(prompt, n_audio):
     """The human turn of a one-off question. A prompt without <audio> gets it appended: instruction first, (t,a)."""
     if prompt is None:
@@ -1220,7 +1087,6 @@ def answer_one(model, prompt=None, audio=(), max_new_tokens=256):
 
     import model as M
     from data import RecordError, audio_features
-
     ids, labels = M.tokenize(model.tokenizer, human_turn(prompt, len(audio)), None, model.config.max_text_len)
     try:
         mels, counts, frames, cut = audio_features([str(p) for p in audio], model.features)
@@ -1238,43 +1104,34 @@ def answer_one(model, prompt=None, audio=(), max_new_tokens=256):
 # ---------------------------------------------------------------------------------------------------------------------
 # command line
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen = parser.add_argument_group("generation (then scoring of --out)")
     gen.add_argument("--ckpt", help="stage-1/stage-2 artifact directory or the released LLaSO-Base checkpoint")
-    gen.add_argument("--data", nargs="+", metavar="EVAL_DIR_OR_FILE", help="test files, or folders searched for "
-                     "*_test.json recursively")
+    gen.add_argument("--data", nargs="+", metavar="EVAL_DIR_OR_FILE", help="test files, or folders with *_test.json")
     gen.add_argument("--audio-root", help="folder the records' 'voice' paths are relative to")
     gen.add_argument("--out", help="results directory: one <stem>_test.json per test file, scores.json, scores.md")
-    gen.add_argument("--encoder", help=f"Whisper id or directory, overriding the checkpoint's (released "
-                     f"checkpoint: default {DEFAULT_ENCODER})")
-    gen.add_argument("--batch-size", type=int, default=16, help="records per generate call; 1 = the reference's "
-                     "exact protocol (batched output is identical in fp32; bf16 may flip a token in rare near-ties)")
+    gen.add_argument("--encoder", help="Whisper id or directory instead of the checkpoint's (default for the released "
+                     "checkpoint: openai/whisper-large-v3)")
+    gen.add_argument("--batch-size", type=int, default=16, help="records per generate call (1 = as the reference)")
     gen.add_argument("--max-new-tokens", type=int, default=256, help="greedy decoding budget (reference: 256)")
-    gen.add_argument("--compat-chunks", action="store_true", help="the reference's 480,001-sample chunk slicing "
-                     "(drops one sample per full 30 s chunk); default: exact 30 s chunks")
+    gen.add_argument("--compat-chunks", action="store_true", help="the reference's 480,001-sample chunks, not 30 s")
     gen.add_argument("--workers", type=int, default=2, help="DataLoader workers reading audio and making log-mels")
-    gen.add_argument("--precision", choices=["bf16", "fp32"], help="the model's dtype, in training's numerics "
-                     "(RoPE's inv_freq stays fp32); default: bf16 on CUDA (as the reference evaluates), fp32 on CPU")
-    gen.add_argument("--preset", choices=["tiny"], help="tiny: defaults --ckpt out/instruct, --data sample/LLaSO-Eval, "
-                     "--audio-root sample/audio, --out out/eval")
+    gen.add_argument("--precision", choices=["bf16", "fp32"], help="default bf16 on CUDA (reference), fp32 on CPU")
+    gen.add_argument("--preset", choices=["tiny"], help="tiny: sample eval set, out/instruct -> out/eval")
     one = parser.add_argument_group("single-record inference (prints the answer)")
     one.add_argument("--audio", nargs="+", metavar="WAV", help="audio file(s), one per <audio> in --prompt")
-    one.add_argument("--prompt", help="human turn; without <audio> one is appended after it (instruction first); "
-                     "without --prompt the turn is just <audio>")
+    one.add_argument("--prompt", help="human turn (default: <audio>); one without <audio> gets it appended")
     score = parser.add_argument_group("scoring")
     score.add_argument("--score", nargs="+", metavar="RESULTS_DIR", help="score the prediction files in each dir")
-    score.add_argument("--compat", choices=["llaso", "standard"],
-                       help="llaso: reproduce the reference scripts' numbers; standard: default but WER/CER/PER "
-                            "without normalisation (reference letter-PER, gold as reference)")
+    score.add_argument("--compat", choices=["llaso", "standard"], help="llaso: the reference scripts' numbers; "
+                       "standard: default but WER/CER/PER unnormalised (reference letter-PER, gold as reference)")
     score.add_argument("--normalized", action="store_true", help="normalised score across the dirs (default if >1)")
     score.add_argument("--judge-url", help="OpenAI-compatible chat completions URL; judges records without verdict "
                        "(API key: $OPENAI_API_KEY, sent to this URL's host only)")
     score.add_argument("--judge-key", help=argparse.SUPPRESS)  # refused below: kept to explain why
     score.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (pin a dated version for reports)")
-    score.add_argument("--plot", metavar="FILE.png", help="after scoring (--score, or after generation): a radar of "
-                       "every directory over the tasks and one bar panel per metric family (needs matplotlib)")
+    score.add_argument("--plot", metavar="FILE.png", help="after scoring: radar and bars of the dirs (matplotlib)")
     args = parser.parse_args(argv)
     if args.judge_key is not None:
         parser.error("--judge-key: a key on the command line is visible to every user of this machine (ps, shell "
@@ -1311,7 +1168,8 @@ def main(argv=None):
     if not args.ckpt:
         parser.error("nothing to do: pass --ckpt DIR (generation or --audio/--prompt), --preset tiny, or --score DIR")
 
-    dtype = precision_dtype(args.precision)
+    import torch
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.precision]
     if args.audio or args.prompt is not None:
         _, _, device = distributed()
         print(answer_one(load_model(args.ckpt, args.encoder, device, dtype), args.prompt, args.audio or [],
@@ -1327,11 +1185,10 @@ def main(argv=None):
                                             compat_chunks=args.compat_chunks, dtype=dtype)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    if complete < total:
-        sys.exit(f"{total - complete} test files are incomplete: run the same command again to finish them")
-    score_and_exit([args.out], args.compat, judge=judge, plot=args.plot)
+    if int(os.environ.get("RANK", 0)) == 0:  # rank 0 scores
+        if complete < total:
+            sys.exit(f"{total - complete} test files are incomplete: run the same command again to finish them")
+        score_and_exit([args.out], args.compat, judge=judge, plot=args.plot)
 
 
 def score_and_exit(dirs, compat, normalized=False, judge=None, plot=None):
