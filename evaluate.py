@@ -704,6 +704,16 @@ def scores_markdown(title, scores):
     return "\n\n".join(parts) + "\n"
 
 
+def write_atomic(path: Path, text: str):
+    """A crash (or a full disk) leaves the old file or the whole new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def score_directories(dirs, compat=None, normalized=False, judge=None):
     all_scores = {str(d): score_directory(d, compat, judge) for d in dirs}
     if normalized and len(dirs) < 2:
@@ -715,8 +725,8 @@ def score_directories(dirs, compat=None, normalized=False, judge=None):
             all_scores[d]["summary"]["normalized_score"] = {"value": value, "files_used": used, "pool": pool,
                                                             "note": NORMALIZED_NOTE}
     for d, scores in all_scores.items():
-        Path(d, "scores.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        Path(d, "scores.md").write_text(scores_markdown(Path(d).name, scores), encoding="utf-8")
+        write_atomic(Path(d, "scores.json"), json.dumps(scores, indent=1, ensure_ascii=False) + "\n")
+        write_atomic(Path(d, "scores.md"), scores_markdown(Path(d).name, scores))
         s, shown = scores["summary"], ("wer", "per", "accuracy", "abstention_pct", "judge_mean")
         line = " ".join(f"{k}={fmt(s[k])}" for k in shown if k in s)
         if "normalized_score" in s:
@@ -897,10 +907,7 @@ def append_rows(path, rows):
 
 
 def write_json(path, value):
-    """Atomically: a crash leaves either no file or the whole file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def merge(out, path, corpus, k):

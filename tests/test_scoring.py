@@ -527,3 +527,22 @@ def test_normalized_score_across_models(tmp_path):
         normalized = scores[str(tmp_path / model)]["summary"]["normalized_score"]
         assert normalized["value"] == pytest.approx(value) and normalized["files_used"] == 2
         assert "not comparable" in normalized["note"]
+
+
+def test_a_crash_while_writing_scores_leaves_the_old_scores_whole(tmp_path, monkeypatch):
+    write_results(tmp_path, "ASR_test", [("a b c d", "a b c d")])
+    ev.score_directories([tmp_path])
+    before = {name: (tmp_path / name).read_text() for name in ("scores.json", "scores.md")}
+    write_results(tmp_path, "ASR_test", [("a b c d", "a b x")])  # new answers, then the disk fills up mid-write
+    write_text = Path.write_text
+
+    def torn(self, text, **kwargs):
+        write_text(self, text[: len(text) // 2], **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(OSError):
+        ev.score_directories([tmp_path])
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_text() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ASR_test.json", "scores.json", "scores.md"]
