@@ -1,9 +1,9 @@
 """LLaSO data, in the order it flows: record index → audio → features → prompt/labels → batch → sampler.
 
-The corpora (LLaSO-Align 12M records, LLaSO-Instruct 13.5M, LLaSO-Eval) are JSON arrays of several GB, or JSONL.
-The reference `json.load`s the whole list on every rank (~25 GB each). Here each corpus file is scanned once into a
-byte-offset index (21 bytes per record, cached beside the file and memory-mapped), and a record is parsed only when
-it is read: seek + `json.loads` of its slice. DataLoader workers share the index pages instead of copying records.
+The corpora (LLaSO-Align 12M records, LLaSO-Instruct 13.5M, LLaSO-Eval) are JSON lists of several GB, or JSONL; the
+reference `json.load`s a whole list on every rank (~25 GB each). Here each corpus file is scanned once into a
+byte-offset index (21 bytes per record, cached beside the file and memory-mapped, so DataLoader workers share its
+pages), and a record is parsed only when it is read: seek + `json.loads` of its slice.
 
 Preflight check before a run (record counts per file and modality configuration, malformed records, audio files
 that are missing, unreadable or empty by their headers; --decode decodes every file, finding NaN samples too):
@@ -24,7 +24,6 @@ torch, transformers and model.py are imported inside the functions that need the
 """
 
 import argparse
-import array
 import hashlib
 import json
 import os
@@ -42,8 +41,7 @@ import soxr
 
 AUDIO = "<audio>"  # placeholder in human turns (same string as model.AUDIO)
 # LLaSO's modality configurations: text instruction + audio input, audio instruction + text input, pure audio (the
-# instruction is spoken). Only the position of <audio> in the human turn tells them apart. Index code = position in
-# CONFIGS, -1 = unusable record.
+# instruction is spoken); only where <audio> sits in the human turn tells them apart. Code = position, -1 = unusable.
 CONFIGS = ("(t,a)", "(a,t)", "(a)")
 FOLDER_CONFIG = {"text_audio": 0, "audio_text": 1, "pure_audio": 2}
 
@@ -59,12 +57,11 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("LLASO_CACHE")
                          or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "llaso-mini").expanduser()
 _SPACE = re.compile(r"[ \t\n\r]*")
 _SEPARATOR = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
-_MALFORMED = object()  # stands for a JSONL line that does not parse
 
 
 class CorpusError(ValueError):
-    """A corpus file that cannot be indexed at all: empty, neither a JSON list nor JSONL, broken JSON syntax or not
-    UTF-8 in a JSON list. The message is one line naming the file (and the record and byte where it breaks)."""
+    """A corpus file that cannot be indexed at all (README, data.py: Bad input); the message is one line naming the
+    file, and the record and byte where it breaks."""
 
 
 class RecordError(ValueError):
@@ -109,17 +106,16 @@ def record_stats(record, config: int | None) -> tuple[int, int]:
             config = 1 if human.lstrip().startswith(AUDIO) else 0
         return chars, config
     except (KeyError, TypeError, AttributeError, IndexError):
-        return 0, -1  # not a usable record; reading it later says why
+        return 0, -1  # not a usable record (or None: a broken JSONL line); reading it later says why
 
 
 def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
-    """Yield (byte offset, byte length, parsed element) for each element of a top-level JSON array.
+    """Yield (byte offset, byte length, parsed element) for each element of a top-level JSON array: exactly what
+    json.load gives, and CorpusError where json.load fails.
 
-    The file is read in 1 MB blocks decoded as latin-1: one character per byte, so the positions of the json
-    module's C scanner are byte offsets. JSON syntax is ASCII, so the scanner sees the true structure (and skips `}`
-    or `"` inside strings itself); only non-ASCII text comes out as UTF-8 bytes in disguise, so an element that
-    contains any is parsed again from its bytes. The scan yields exactly what json.load gives, and fails (CorpusError)
-    where json.load fails.
+    The file is read in 1 MB blocks decoded as latin-1, one character per byte, so the positions of the json
+    module's scanner are byte offsets. JSON syntax is ASCII, so the scanner sees the true structure; only non-ASCII
+    text comes out as UTF-8 bytes in disguise, so an element that holds any is parsed again from its bytes.
     """
     scan_once = make_scanner(json.JSONDecoder())
     text, base, ascii_text, eof = "", 0, True, False  # text holds the file's bytes [base, base + len(text))
@@ -176,26 +172,25 @@ def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
         separator = _SEPARATOR.match(text, end)
         if separator is None:  # whitespace up to the block's end, ']', or a syntax error
             pos = skip_space(end)
-            if text.startswith(",", pos):
-                separator = _SEPARATOR.match(text, pos)
-            elif text.startswith("]", pos):
+            if text.startswith("]", pos):
                 return
-            else:
+            if not text.startswith(",", pos):
                 what = "the file ends before the list is closed (cut short?)" if pos >= len(text) else \
                     f"malformed JSON (expected ',' or ']' after the record, found {text[pos : pos + 20]!r})"
                 raise CorpusError(f"{name}: after record {n - 1}, byte {base + pos}: {what}")
+            separator = _SEPARATOR.match(text, pos)
         pos = separator.end()
 
 
 def scan_jsonl(f) -> Iterator[tuple[int, int, object]]:
-    """Yield (byte offset, byte length, parsed line) per non-empty line; a broken line is indexed as malformed."""
+    """Yield (byte offset, byte length, parsed line) per non-empty line; a broken line yields None (unusable)."""
     offset = 0
     for line in f:
         if line.strip():
             try:
                 record = json.loads(line)
             except ValueError:  # including bytes that are not UTF-8
-                record = _MALFORMED
+                record = None
             yield offset, len(line.rstrip(b"\r\n")), record
         offset += len(line)
 
@@ -209,13 +204,12 @@ def is_jsonl(f, path: Path) -> bool:
         start += len(block)
     if not block:
         raise CorpusError(f"{path}: the file is empty; expected a JSON list of records, or JSONL")
-    start += len(block) - len(block.lstrip(leading))  # the first value's byte
     first = block.lstrip(leading)[:1]
-    f.seek(0)
     if first == b"[":
         return False
     if path.suffix == ".jsonl":
         return True
+    start += len(block) - len(block.lstrip(leading))  # the first value's byte
     f.seek(start)
     line = f.readline(MAX_RECORD_BYTES)
     try:
@@ -223,9 +217,7 @@ def is_jsonl(f, path: Path) -> bool:
     except ValueError:
         whole_line = False
     # any() stops at the next non-blank line: JSONL is told from a lone object without reading the file
-    more = whole_line and any(rest.strip() for rest in iter(lambda: f.readline(MAX_RECORD_BYTES), b""))
-    f.seek(0)
-    if more:
+    if whole_line and any(rest.strip() for rest in iter(lambda: f.readline(MAX_RECORD_BYTES), b"")):
         return True
     if whole_line:
         found = "a single JSON object"
@@ -238,7 +230,9 @@ def is_jsonl(f, path: Path) -> bool:
 
 
 def scan_records(f, path: Path):
-    return scan_jsonl(f) if is_jsonl(f, path) else scan_json_array(f, path)
+    jsonl = is_jsonl(f, path)
+    f.seek(0)
+    return scan_jsonl(f) if jsonl else scan_json_array(f, path)
 
 
 def index_path(corpus_file: Path, cache_dir=None) -> Path:
@@ -255,32 +249,21 @@ def _source_stamp(corpus_file: Path) -> dict:
 
 
 def write_rows(corpus_file: Path, out) -> int:
-    """Scan a corpus file and append its index rows to the open file `out`; returns the count."""
-    config = file_config(corpus_file)
-    columns = [array.array(code) for code in "QQIb"]  # offset, length, chars, config: compact while scanning
-    count = 0
-
-    def flush():  # written every 64k records so that memory stays flat however large the corpus
-        nonlocal count
-        rows = np.empty(len(columns[0]), INDEX_DTYPE)
-        for name, column in zip(INDEX_DTYPE.names, columns):
-            rows[name] = column
-            del column[:]
-        out.write(rows.tobytes())
-        count += len(rows)
-
+    """Scan a corpus file and append its index rows to the open file `out`, 64k rows at a time so that memory stays
+    flat however large the corpus; returns the count."""
+    config, rows = file_config(corpus_file), np.empty(1 << 16, INDEX_DTYPE)
+    count = n = 0
     with open(corpus_file, "rb") as f:
-        offsets, lengths, chars, configs = columns
         for offset, length, record in scan_records(f, corpus_file):
-            n_chars, code = record_stats(record, config)
-            offsets.append(offset)
-            lengths.append(length)
-            chars.append(n_chars)
-            configs.append(code)
-            if len(offsets) == 1 << 16:
-                flush()
-        flush()
-    return count
+            chars, code = record_stats(record, config)
+            rows[n] = (offset, length, chars, code)
+            n += 1
+            if n == len(rows):
+                out.write(rows.tobytes())
+                count += n
+                n = 0
+    out.write(rows[:n].tobytes())
+    return count + n
 
 
 def build_index(corpus_file: Path, index_file: Path) -> None:
@@ -309,21 +292,19 @@ def _read_header(index_file: Path) -> dict | None:
 
 def load_index(corpus_file: Path, cache_dir=None) -> np.ndarray:
     """The memory-mapped index of one corpus file, rebuilt first if missing or if the file's size or mtime changed."""
-    corpus_file, index_file = Path(corpus_file), index_path(Path(corpus_file), cache_dir)
+    index_file = index_path(corpus_file, cache_dir)
     header = _read_header(index_file)
     if header is None or {k: header.get(k) for k in ("version", "size", "mtime_ns")} != _source_stamp(corpus_file):
         build_index(corpus_file, index_file)
         header = _read_header(index_file)
-    if header["records"] == 0:
+    if header["records"] == 0:  # nothing to map
         return np.zeros(0, INDEX_DTYPE)
     return np.memmap(index_file, INDEX_DTYPE, "r", offset=HEADER_BYTES, shape=(header["records"],))
 
 
 class Corpus:
-    """All records of one or more corpus files, numbered 0..N-1 in file order, parsed only when read.
-
-    "record k of a file" always means position k (0-based) in the list that json.load would return.
-    """
+    """All records of one or more corpus files, numbered 0..N-1 in file order, parsed only when read. "Record k of a
+    file" always means position k (0-based) in the list that json.load would return."""
 
     def __init__(self, paths, cache_dir=None):
         self.files = corpus_files([paths] if isinstance(paths, (str, Path)) else paths)
@@ -333,6 +314,9 @@ class Corpus:
 
     def __len__(self):
         return int(self.starts[-1])
+
+    def __reduce__(self):  # workers started by spawn re-open the memory maps instead of receiving a copy
+        return Corpus, (self.files, self.cache_dir)
 
     def _file_and_record(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
@@ -360,12 +344,6 @@ class Corpus:
     def configs(self) -> np.ndarray:
         """Modality code per record: index into CONFIGS, -1 = unusable record."""
         return np.concatenate([ix["config"] for ix in self.indexes])
-
-    def __getstate__(self):  # workers started by spawn re-open the memory maps instead of receiving a copy
-        return {"files": self.files, "cache_dir": self.cache_dir}
-
-    def __setstate__(self, state):
-        self.__init__(state["files"], state["cache_dir"])
 
 
 # ---------------------------------------------------------------------------------------------------- record checks
