@@ -357,15 +357,13 @@ def parse_record(raw: bytes) -> dict:
 
 
 def conversation(record, require_answer: bool = True) -> tuple[str, str | None]:
-    """(human text, answer) of a single-turn record; answer is None if absent and not required.
-
-    As the reference: a leading non-human turn (e.g. "system") is dropped, then exactly one human and one gpt turn.
-    """
+    """(human text, answer) of a single-turn record: one human then one gpt turn; answer None if absent and not
+    required."""
     turns = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         raise RecordError("expected 'conversations': a list of {'from': ..., 'value': <text>} turns")
     roles = [t.get("from") for t in turns]
-    if roles and roles[0] != "human":  # the reference drops a leading non-human turn
+    if roles and roles[0] != "human":  # the reference drops a leading non-human turn (e.g. "system")
         turns, roles = turns[1:], roles[1:]
     if roles not in (["human", "gpt"], ["human"]) or (require_answer and roles != ["human", "gpt"]):
         raise RecordError(f"expected one 'human' turn then one 'gpt' turn, found roles {roles}")
@@ -399,22 +397,18 @@ MAX_CHUNKS = 20  # 10 minutes per file, as the reference
 
 
 def relative_audio_path(path: str) -> str:
-    """A record's audio path as a relative POSIX path: corpus paths mix '/' and Windows '\\'.
-
-    A path that would leave the audio root is refused (RecordError): absolute, a drive letter, or '..' above the
-    root. Only the words are checked, so links inside the root may point anywhere.
-    """
+    """A record's audio path ('/' and Windows '\\' mixed) as a relative POSIX path. RecordError if its words leave
+    the audio root (absolute, a drive letter, '..' above the root); links inside the root may point anywhere."""
     relative = path.replace("\\", "/")
     if relative.startswith("/") or re.match(r"[A-Za-z]:", relative) or \
-            ".." in relative and posixpath.normpath(relative).split("/")[0] == "..":
+            posixpath.normpath(relative).split("/")[0] == "..":
         raise RecordError(f"audio path '{path}' leaves the audio root (--audio-root): corpus paths must be relative "
                           "to it")
     return relative
 
 
 def resolve_audio(audio_root, path: str) -> Path:
-    """audio_root / the relative path (training, evaluation); without a root (audio_root "" or None: files named on
-    the command line) the path is used as given."""
+    """audio_root / the relative path; without a root ("" or None: files named on the command line) the path as is."""
     if not audio_root:
         return Path(path.replace("\\", "/"))
     return Path(audio_root) / relative_audio_path(path)
@@ -449,12 +443,8 @@ def load_audio(path: Path) -> np.ndarray:
 
 
 def split_chunks(x: np.ndarray, compat: bool = False, max_chunks: int = MAX_CHUNKS) -> tuple[list, int]:
-    """(30 s chunks, number of chunks dropped beyond max_chunks).
-
-    Default: exact 480,000-sample chunks (30 s is one chunk, 30 s + 1 sample two).
-    compat: the reference's slices of 480,001 samples (it advances by 480,001 while more than 480,000 remain); the
-    feature extractor truncates each to 480,000, so one sample per full chunk is lost.
-    """
+    """(30 s chunks, number dropped beyond max_chunks): exact 480,000-sample chunks, or with compat the reference's
+    480,001-sample slices (the feature extractor then cuts each to 480,000: one sample per full chunk is lost)."""
     step = CHUNK + 1 if compat else CHUNK
     chunks = [x[start : start + step] for start in range(0, len(x), step)]
     return chunks[:max_chunks], max(0, len(chunks) - max_chunks)
@@ -466,7 +456,6 @@ def split_chunks(x: np.ndarray, compat: bool = False, max_chunks: int = MAX_CHUN
 def load_feature_extractor(encoder_dir=None):
     """Whisper's log-mel front end: from the encoder checkpoint if it has one, else large-v3 settings (128 mels)."""
     from transformers import WhisperFeatureExtractor
-
     if encoder_dir is not None and (Path(encoder_dir) / "preprocessor_config.json").is_file():
         return WhisperFeatureExtractor.from_pretrained(encoder_dir)
     return WhisperFeatureExtractor(feature_size=128)
@@ -480,14 +469,13 @@ def log_mel(chunks: list, feature_extractor) -> np.ndarray:
 
 
 def audio_frames(n_samples: int, feature_extractor) -> int:
-    """Log-mel frames of a chunk of n samples that hold audio (the rest of its 3000 is padding): the frames whose
-    STFT window is centred inside the audio, ceil(n / hop). --trim-audio encodes only these."""
+    """Log-mel frames of a chunk of n samples whose STFT window is centred inside the audio, ceil(n / hop); the rest
+    of its 3000 is padding, which --trim-audio does not encode."""
     return min(feature_extractor.nb_max_frames, -(-n_samples // feature_extractor.hop_length))
 
 
 def audio_features(paths, feature_extractor, audio_root="", compat: bool = False, max_chunks: int = MAX_CHUNKS):
-    """(log-mels [n_chunks, n_mels, 3000] of all files, chunks per file, real frames per chunk, what was cut) for a
-    list of audio paths."""
+    """(log-mels [n_chunks, n_mels, 3000], chunks per file, real frames per chunk, what was cut) of audio files."""
     chunks, audio_chunks, cut = [], [], []
     for path in paths:
         file_chunks, dropped = split_chunks(load_audio(resolve_audio(audio_root, path)), compat, max_chunks)
@@ -506,17 +494,15 @@ def audio_features(paths, feature_extractor, audio_root="", compat: bool = False
 class LLaSODataset:
     """Map-style dataset (for torch's DataLoader): record i → token ids, labels, log-mels of its audio.
 
-    A record that cannot be used comes back as an item with "error" set (the reason) and collate moves it to the
-    batch's "skipped" list as (file, record number, reason): training skips and counts it, evaluation writes an error
-    entry — no record disappears silently. strict=True raises RecordError (naming file and record) instead.
-    eval_mode=True builds generation prompts (answer=None) and does not require a gold answer.
+    An unusable record comes back with "error" set (the reason); collate lists it in the batch's "skipped", which
+    training counts and evaluation writes as an error entry: no record disappears silently. strict=True raises
+    RecordError instead. eval_mode=True builds generation prompts and needs no gold answer.
     """
 
     def __init__(self, corpus: Corpus, tokenizer, feature_extractor, audio_root, max_len: int = 2048,
                  eval_mode: bool = False, strict: bool = False, compat_chunks: bool = False,
                  max_chunks: int = MAX_CHUNKS):
         import model  # torch + transformers: only once records are tokenised
-
         self.corpus, self.tokenizer, self.feature_extractor = corpus, tokenizer, feature_extractor
         self.audio_root, self.max_len, self.eval_mode, self.strict = Path(audio_root), max_len, eval_mode, strict
         self.compat_chunks, self.max_chunks = compat_chunks, max_chunks
@@ -565,7 +551,6 @@ def collate(items: list[dict]) -> dict:
     "cut": [(file, record_no, what was cut)] for audio longer than max_chunks × 30 s.
     """
     import torch
-
     good = [it for it in items if it["error"] is None]
     bad = [it for it in items if it["error"] is not None]
     mels = [it["mels"] for it in good]
@@ -587,7 +572,6 @@ def collate(items: list[dict]) -> dict:
 def make_loader(dataset: LLaSODataset, batches, num_workers: int = 4):
     """DataLoader over `batches` (a StepSampler, or any iterable of index lists); features are made in workers."""
     import torch
-
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available())
 
@@ -607,16 +591,10 @@ def shuffled_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int, types=None) -> np.ndarray:
     """Stage 2: the reference's modality+length grouping (length = characters of all turns), one megabatch = one
-    optimizer step.
-
-    Per type: random permutation, stable sort by length descending (ties keep the random order), cut into
-    megabatches of global_batch records; the last megabatch of each type goes to a leftover pool, even when it is
-    full (a record count that is a multiple of global_batch). The other megabatches are shuffled; the leftover pool,
-    sorted by index, comes last (its incomplete last global batch is dropped by StepSampler).
-
-    "Type" is the reference's audio/image/text split: every LLaSO record has audio, so the default is one type —
-    "grouped by modality" then changes nothing and the grouping is by length only. Passing types=corpus.configs()
-    would group by modality configuration as well; that is not what the reference does.
+    optimizer step. The last megabatch of each type goes to a leftover pool even when it is full; the pool comes
+    last, sorted by index. "Type" is the reference's audio/image/text split: every LLaSO record has audio, so by
+    default there is one type and the grouping is by length only; types=corpus.configs() would also split by
+    modality configuration, which the reference does not.
     """
     rng = np.random.default_rng([seed, epoch])
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -625,7 +603,7 @@ def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
     for t in np.unique(types):
         idx = np.flatnonzero(types == t)
         idx = idx[rng.permutation(len(idx))]
-        idx = idx[np.argsort(-lengths[idx], kind="stable")]
+        idx = idx[np.argsort(-lengths[idx], kind="stable")]  # longest first; ties keep the random order
         n_shuffled = (len(idx) - 1) // global_batch * global_batch  # all megabatches but the last
         megabatches.append(idx[:n_shuffled].reshape(-1, global_batch))
         leftover.append(idx[n_shuffled:])
@@ -636,10 +614,9 @@ def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
 class StepSampler:
     """Batch sampler of one rank: its micro-batches of one epoch, from optimizer step `start_step` on.
 
-    Global batch t is cut into world_size × grad_accum micro-batches of micro_batch consecutive records, whatever
-    world_size is; rank r takes micro-batches r·grad_accum … (r+1)·grad_accum − 1 of it. So 2 ranks × accum a and
-    1 rank × accum 2a process exactly the same micro-batches. Resuming at a step is index arithmetic: skipped
-    records are never read.
+    Global batch t is cut into world_size × grad_accum micro-batches of micro_batch consecutive records; rank r
+    takes micro-batches r·grad_accum … (r+1)·grad_accum − 1. So 2 ranks × accum a and 1 rank × accum 2a process
+    exactly the same micro-batches, and resuming at a step reads no skipped record.
     """
 
     def __init__(self, order: np.ndarray, micro_batch: int, grad_accum: int = 1, world_size: int = 1,
@@ -670,39 +647,26 @@ class StepSampler:
 # ---------------------------------------------------------------------------------------------------- preflight CLI
 
 
-def iter_raw_records(path: Path, index: np.ndarray) -> Iterator[tuple[int, bytes]]:
-    """(record number, JSON bytes) of every record of one file, reading it front to back."""
-    with open(path, "rb") as f:
-        for record_no, row in enumerate(index):
-            f.seek(int(row["offset"]))
-            yield record_no, f.read(int(row["length"]))
-
-
-def check_audio(path: Path, decode: bool = False) -> str | None:
-    """Why the audio file is unusable, or None. Header only: missing, unreadable or empty. decode=True decodes it
-    all, as training does: also data that does not decode, and NaN or infinite samples."""
+def check_audio(path: Path, decode: bool = False) -> None:
+    """RecordError if the audio file is missing, unreadable or empty by its header; decode=True decodes it in full,
+    as training does, and also finds data that does not decode, and NaN or infinite samples."""
     if decode:
-        try:
-            read_audio(path)
-        except RecordError as error:
-            return str(error)
-        return None
+        read_audio(path)
+        return
     if not path.is_file():
-        return f"audio file not found: {path}"
+        raise RecordError(f"audio file not found: {path}")
     try:
-        info = sf.info(path)
+        frames = sf.info(path).frames
     except (RuntimeError, OSError) as error:
-        return f"unreadable audio file {path}: {error}"
-    return f"empty audio file (0 samples): {path}" if info.frames == 0 else None
+        raise RecordError(f"unreadable audio file {path}: {error}") from None
+    if frames == 0:
+        raise RecordError(f"empty audio file (0 samples): {path}")
 
 
 def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=sys.stdout,
               decode: bool = False) -> int:
-    """Print records per file and modality configuration, and every problem found; return the exit code.
-
-    Records are checked as the dataset checks them (except tokenisation); with audio_root, every audio file is
-    checked by its header, or decoded in full with decode=True.
-    """
+    """Print records per file and modality configuration, and every problem found; return the exit code. Records
+    are checked as the dataset checks them (not tokenised), audio files when audio_root is given (check_audio)."""
     try:
         corpus = Corpus(paths, cache_dir)
     except CorpusError as error:
@@ -712,37 +676,35 @@ def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=
 
     def report(kind, where, reason):
         problems[kind] += 1
-        if sum(problems.values()) <= max_listed:
+        if problems.total() <= max_listed:
             print(f"{kind}: {where}: {reason}", file=out)
 
-    def table_row(counts, what):  # counts of config codes -1 (unusable), 0, 1, 2
+    def table_row(configs, what):  # records per config code: unusable (-1) last
+        counts = np.bincount(configs.astype(np.int64) + 1, minlength=len(CONFIGS) + 1)
         print(f"{counts.sum():>10} " + " ".join(f"{n:>8}" for n in counts[1:]) + f" {counts[0]:>8}  {what}", file=out)
 
     print(f"{'records':>10} " + " ".join(f"{c:>8}" for c in CONFIGS) + f" {'unusable':>8}  file", file=out)
-    totals = np.zeros(len(CONFIGS) + 1, np.int64)
     for path, index in zip(corpus.files, corpus.indexes):
-        counts = np.bincount(index["config"].astype(np.int64) + 1, minlength=len(CONFIGS) + 1)
-        totals += counts
-        table_row(counts, path)
-        for record_no, raw in iter_raw_records(path, index):  # one record at a time: memory stays flat
-            where = f"{path} record {record_no}"
-            try:
-                record = parse_record(raw)
-                voices = voice_paths(record, conversation(record)[0])
-            except RecordError as error:
-                report("malformed", where, error)
-                continue
-            for voice in voices:
-                try:  # a path that leaves the root is found without --audio-root too
-                    relative = relative_audio_path(voice)
+        table_row(index["config"], path)
+        with open(path, "rb") as f:
+            for record_no, row in enumerate(index):  # one record at a time, front to back: memory stays flat
+                f.seek(int(row["offset"]))
+                where = f"{path} record {record_no}"
+                try:
+                    record = parse_record(f.read(int(row["length"])))
+                    voices = voice_paths(record, conversation(record)[0])
                 except RecordError as error:
-                    report("audio", where, error)
+                    report("malformed", where, error)
                     continue
-                reason = check_audio(Path(audio_root) / relative, decode) if audio_root is not None else None
-                if reason:
-                    report("audio", where, reason)
-    table_row(totals, f"total ({len(corpus.files)} files)")
-    if sum(problems.values()) > max_listed:
+                for voice in voices:
+                    try:  # a path that leaves the root is found without --audio-root too
+                        relative = relative_audio_path(voice)
+                        if audio_root is not None:
+                            check_audio(Path(audio_root) / relative, decode)
+                    except RecordError as error:
+                        report("audio", where, error)
+    table_row(corpus.configs(), f"total ({len(corpus.files)} files)")
+    if problems.total() > max_listed:
         print(f"... only the first {max_listed} problems are listed", file=out)
     checked = "audio files not checked (no --audio-root)" if audio_root is None else \
         "audio check: every file decoded" if decode else "audio check: headers only (--decode decodes every file)"
