@@ -32,6 +32,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from itertools import islice
 from json.scanner import make_scanner
 from pathlib import Path
 
@@ -205,6 +206,7 @@ def is_jsonl(f, path: Path) -> bool:
     if not block:
         raise CorpusError(f"{path}: the file is empty; expected a JSON list of records, or JSONL")
     first = block.lstrip(leading)[:1]
+    f.seek(0)
     if first == b"[":
         return False
     if path.suffix == ".jsonl":
@@ -217,7 +219,9 @@ def is_jsonl(f, path: Path) -> bool:
     except ValueError:
         whole_line = False
     # any() stops at the next non-blank line: JSONL is told from a lone object without reading the file
-    if whole_line and any(rest.strip() for rest in iter(lambda: f.readline(MAX_RECORD_BYTES), b"")):
+    more = whole_line and any(rest.strip() for rest in iter(lambda: f.readline(MAX_RECORD_BYTES), b""))
+    f.seek(0)
+    if more:
         return True
     if whole_line:
         found = "a single JSON object"
@@ -227,12 +231,6 @@ def is_jsonl(f, path: Path) -> bool:
         found = repr(line[:20].decode("latin-1"))
     raise CorpusError(f"{path}: expected a JSON list of records, or JSONL (one record per line); found {found} at "
                       f"byte {start}")
-
-
-def scan_records(f, path: Path):
-    jsonl = is_jsonl(f, path)
-    f.seek(0)
-    return scan_jsonl(f) if jsonl else scan_json_array(f, path)
 
 
 def index_path(corpus_file: Path, cache_dir=None) -> Path:
@@ -249,21 +247,15 @@ def _source_stamp(corpus_file: Path) -> dict:
 
 
 def write_rows(corpus_file: Path, out) -> int:
-    """Scan a corpus file and append its index rows to the open file `out`, 64k rows at a time so that memory stays
-    flat however large the corpus; returns the count."""
-    config, rows = file_config(corpus_file), np.empty(1 << 16, INDEX_DTYPE)
-    count = n = 0
+    """Scan a corpus file and append its index rows to the open file `out`; returns the count."""
+    config, count = file_config(corpus_file), 0
     with open(corpus_file, "rb") as f:
-        for offset, length, record in scan_records(f, corpus_file):
-            chars, code = record_stats(record, config)
-            rows[n] = (offset, length, chars, code)
-            n += 1
-            if n == len(rows):
-                out.write(rows.tobytes())
-                count += n
-                n = 0
-    out.write(rows[:n].tobytes())
-    return count + n
+        records = scan_jsonl(f) if is_jsonl(f, corpus_file) else scan_json_array(f, corpus_file)
+        rows = ((offset, length, *record_stats(record, config)) for offset, length, record in records)
+        while block := list(islice(rows, 1 << 12)):  # 4k rows at a time: memory stays flat however large the corpus
+            out.write(np.array(block, INDEX_DTYPE).tobytes())
+            count += len(block)
+    return count
 
 
 def build_index(corpus_file: Path, index_file: Path) -> None:
