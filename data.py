@@ -1,12 +1,9 @@
 """LLaSO data, in the order it flows: record index → audio → features → prompt/labels → batch → sampler.
 
-The corpora (LLaSO-Align 12M records, LLaSO-Instruct 13.5M, LLaSO-Eval) are JSON lists of several GB, or JSONL; the
-reference `json.load`s a whole list on every rank (~25 GB each). Here each corpus file is scanned once into a
-byte-offset index (21 bytes per record, cached beside the file and memory-mapped, so DataLoader workers share its
-pages), and a record is parsed only when it is read: seek + `json.loads` of its slice.
-
-Preflight check before a run (record counts per file and modality configuration, malformed records, audio files
-that are missing, unreadable or empty by their headers; --decode decodes every file, finding NaN samples too):
+The corpora (LLaSO-Align 12M records, LLaSO-Instruct 13.5M, LLaSO-Eval) are JSON lists of several GB, or JSONL,
+which the reference `json.load`s whole on every rank (~25 GB each). Here each file is scanned once into a byte-offset
+index (21 bytes per record, cached and memory-mapped: DataLoader workers share its pages), and a record is parsed
+only when it is read. Preflight check before a run (README, data.py; --decode decodes every audio file):
 
     python data.py sample/ --audio-root sample/audio
     python data.py LLaSO-Instruct/ --audio-root /data/llaso/audio --decode
@@ -61,8 +58,7 @@ _SEPARATOR = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
 
 
 class CorpusError(ValueError):
-    """A corpus file that cannot be indexed at all (README, data.py: Bad input); the message is one line naming the
-    file, and the record and byte where it breaks."""
+    """A corpus file that cannot be indexed at all; one line naming the file (and record and byte where it breaks)."""
 
 
 class RecordError(ValueError):
@@ -111,13 +107,10 @@ def record_stats(record, config: int | None) -> tuple[int, int]:
 
 
 def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
-    """Yield (byte offset, byte length, parsed element) for each element of a top-level JSON array: exactly what
-    json.load gives, and CorpusError where json.load fails.
-
-    The file is read in 1 MB blocks decoded as latin-1, one character per byte, so the positions of the json
-    module's scanner are byte offsets. JSON syntax is ASCII, so the scanner sees the true structure; only non-ASCII
-    text comes out as UTF-8 bytes in disguise, so an element that holds any is parsed again from its bytes.
-    """
+    """Yield (byte offset, byte length, parsed element) per element of a top-level JSON array: exactly what json.load
+    gives, and CorpusError where json.load fails. 1 MB blocks are decoded as latin-1, one character per byte, so the
+    scanner's positions are byte offsets; JSON syntax is ASCII, so it sees the true structure, and an element that
+    holds non-ASCII text (UTF-8 bytes in disguise) is parsed again from its bytes."""
     scan_once = make_scanner(json.JSONDecoder())
     text, base, ascii_text, eof = "", 0, True, False  # text holds the file's bytes [base, base + len(text))
 
@@ -388,22 +381,18 @@ CHUNK = 30 * SAMPLE_RATE  # 480,000 samples: one Whisper window
 MAX_CHUNKS = 20  # 10 minutes per file, as the reference
 
 
-def relative_audio_path(path: str) -> str:
-    """A record's audio path ('/' and Windows '\\' mixed) as a relative POSIX path. RecordError if its words leave
-    the audio root (absolute, a drive letter, '..' above the root); links inside the root may point anywhere."""
+def resolve_audio(audio_root, path: str) -> Path:
+    """audio_root / a record's audio path ('/' and Windows '\\' mixed). RecordError if its words leave the root
+    (absolute, a drive letter, '..' above it; links inside it may point anywhere). Without a root ("" or None: files
+    named on the command line) the path is used as given."""
     relative = path.replace("\\", "/")
+    if not audio_root:
+        return Path(relative)
     if relative.startswith("/") or re.match(r"[A-Za-z]:", relative) or \
             posixpath.normpath(relative).split("/")[0] == "..":
         raise RecordError(f"audio path '{path}' leaves the audio root (--audio-root): corpus paths must be relative "
                           "to it")
-    return relative
-
-
-def resolve_audio(audio_root, path: str) -> Path:
-    """audio_root / the relative path; without a root ("" or None: files named on the command line) the path as is."""
-    if not audio_root:
-        return Path(path.replace("\\", "/"))
-    return Path(audio_root) / relative_audio_path(path)
+    return Path(audio_root) / relative
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
@@ -690,9 +679,9 @@ def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=
                     continue
                 for voice in voices:
                     try:  # a path that leaves the root is found without --audio-root too
-                        relative = relative_audio_path(voice)
+                        audio = resolve_audio(audio_root or ".", voice)
                         if audio_root is not None:
-                            check_audio(Path(audio_root) / relative, decode)
+                            check_audio(audio, decode)
                     except RecordError as error:
                         report("audio", where, error)
     table_row(corpus.configs(), f"total ({len(corpus.files)} files)")
