@@ -15,11 +15,10 @@ Use from the training / evaluation scripts:
     dataset = LLaSODataset(corpus, tokenizer, feature_extractor, audio_root)      # eval: eval_mode=True
     order = shuffled_order(len(corpus), seed, epoch)         # stage 2: grouped_order(corpus.lengths(), ...)
     loader = make_loader(dataset, StepSampler(order, micro_batch, grad_accum, world, rank, start_step), workers)
-
-torch, transformers and model.py are imported inside the functions that need them: `import torch` alone costs
-~200 MB of RSS, and indexing / preflight must stay small.
 """
 
+# torch, transformers and model.py are imported inside the functions that need them: `import torch` alone costs
+# ~200 MB of RSS, and indexing / preflight must stay small.
 import argparse
 import hashlib
 import json
@@ -239,27 +238,19 @@ def _source_stamp(corpus_file: Path) -> dict:
     return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def write_rows(corpus_file: Path, out) -> int:
-    """Scan a corpus file and append its index rows to the open file `out`; returns the count."""
-    config, count = file_config(corpus_file), 0
-    with open(corpus_file, "rb") as f:
-        records = scan_jsonl(f) if is_jsonl(f, corpus_file) else scan_json_array(f, corpus_file)
-        rows = ((offset, length, *record_stats(record, config)) for offset, length, record in records)
-        while block := list(islice(rows, 1 << 12)):  # 4k rows at a time: memory stays flat however large the corpus
-            out.write(np.array(block, INDEX_DTYPE).tobytes())
-            count += len(block)
-    return count
-
-
 def build_index(corpus_file: Path, index_file: Path) -> None:
     """Scan a corpus file once and write its index (to a temporary name, then renamed: ranks may race)."""
-    stamp = _source_stamp(corpus_file)
+    stamp, config, count = _source_stamp(corpus_file), file_config(corpus_file), 0
     index_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = index_file.with_name(f"{index_file.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as out:
+        with open(corpus_file, "rb") as f, open(tmp, "wb") as out:
+            records = scan_jsonl(f) if is_jsonl(f, corpus_file) else scan_json_array(f, corpus_file)
+            rows = ((offset, length, *record_stats(record, config)) for offset, length, record in records)
             out.write(bytes(HEADER_BYTES))
-            count = write_rows(corpus_file, out)
+            while block := list(islice(rows, 1 << 12)):  # 4k rows at a time: memory stays flat however large the file
+                out.write(np.array(block, INDEX_DTYPE).tobytes())
+                count += len(block)
             out.seek(0)
             out.write(json.dumps({**stamp, "records": count}).encode().ljust(HEADER_BYTES))
         os.replace(tmp, index_file)
@@ -473,12 +464,9 @@ def audio_features(paths, feature_extractor, audio_root="", compat: bool = False
 
 
 class LLaSODataset:
-    """Map-style dataset (for torch's DataLoader): record i → token ids, labels, log-mels of its audio.
-
-    An unusable record comes back with "error" set (the reason); collate lists it in the batch's "skipped", which
-    training counts and evaluation writes as an error entry: no record disappears silently. strict=True raises
-    RecordError instead. eval_mode=True builds generation prompts and needs no gold answer.
-    """
+    """Map-style dataset (for torch's DataLoader): record i → token ids, labels, log-mels of its audio. An unusable
+    record comes back with "error" set, and collate lists it under "skipped" (training counts it, evaluation writes
+    an error entry); strict=True raises RecordError instead. eval_mode=True: generation prompts, no gold answer."""
 
     def __init__(self, corpus: Corpus, tokenizer, feature_extractor, audio_root, max_len: int = 2048,
                  eval_mode: bool = False, strict: bool = False, compat_chunks: bool = False,
@@ -523,14 +511,11 @@ class LLaSODataset:
 
 
 def collate(items: list[dict]) -> dict:
-    """Batch in the format LLaSO.forward / generate expect (see the contract in model.py).
-
-    Usable records: "input_ids", "labels" (lists of 1-D LongTensors), "mels" [total_chunks, n_mels, 3000],
-    "audio_chunks" (chunks per audio file, in placeholder order), "audio_frames" (log-mel frames of each chunk that
-    hold audio, for --trim-audio), "records", "indices", "where" (file, record_no).
-    Dropped records: "skipped" [(file, record_no, reason)] and "skipped_records" (the record, None if unparsable).
-    "cut": [(file, record_no, what was cut)] for audio longer than max_chunks × 30 s.
-    """
+    """The batch LLaSO.forward / generate take. Usable records: "input_ids", "labels" (lists of 1-D LongTensors),
+    "mels" [total_chunks, n_mels, 3000], "audio_chunks" (chunks per audio file, in placeholder order), "audio_frames"
+    (log-mel frames of each chunk that hold audio, for --trim-audio), "records", "indices", "where" (file, record_no).
+    Dropped ones: "skipped" [(file, record_no, reason)], "skipped_records" (the record, None if unparsable).
+    "cut": [(file, record_no, what was cut)] for audio longer than max_chunks × 30 s."""
     import torch
     good = [it for it in items if it["error"] is None]
     bad = [it for it in items if it["error"] is not None]
@@ -593,29 +578,26 @@ def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
 
 
 class StepSampler:
-    """Batch sampler of one rank: its micro-batches of one epoch, from optimizer step `start_step` on.
-
-    Global batch t is cut into world_size × grad_accum micro-batches of micro_batch consecutive records; rank r
-    takes micro-batches r·grad_accum … (r+1)·grad_accum − 1. So 2 ranks × accum a and 1 rank × accum 2a process
-    exactly the same micro-batches, and resuming at a step reads no skipped record.
-    """
+    """Batch sampler of one rank: its micro-batches of one epoch, from optimizer step `start_step` on (resuming
+    reads no skipped record). Global batch t is cut into world_size × grad_accum micro-batches of micro_batch
+    consecutive records; rank r takes micro-batches r·grad_accum … (r+1)·grad_accum − 1. So 2 ranks × accum a and
+    1 rank × accum 2a process exactly the same micro-batches."""
 
     def __init__(self, order: np.ndarray, micro_batch: int, grad_accum: int = 1, world_size: int = 1,
                  rank: int = 0, start_step: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-        self.order, self.micro_batch, self.grad_accum = np.asarray(order), micro_batch, grad_accum
-        self.rank, self.start_step = rank, start_step
-        self.global_batch = micro_batch * world_size * grad_accum
+        self.order, self.grad_accum, self.rank, self.start_step = np.asarray(order), grad_accum, rank, start_step
+        self.per_rank = micro_batch * grad_accum  # records of one rank per step
+        self.global_batch = self.per_rank * world_size
         self.steps = len(self.order) // self.global_batch  # incomplete last global batch dropped
         if not 0 <= start_step <= self.steps:
             raise ValueError(f"start_step {start_step} is outside the epoch's 0..{self.steps} steps")
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's grad_accum micro-batches of optimizer step `step`."""
-        first = step * self.global_batch + self.rank * self.grad_accum * self.micro_batch
-        mine = self.order[first : first + self.grad_accum * self.micro_batch].reshape(self.grad_accum, -1)
-        return mine.tolist()
+        first = step * self.global_batch + self.rank * self.per_rank
+        return self.order[first : first + self.per_rank].reshape(self.grad_accum, -1).tolist()
 
     def __iter__(self):
         for step in range(self.start_step, self.steps):
