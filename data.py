@@ -53,7 +53,6 @@ MAX_RECORD_BYTES = 16 << 20  # a "record" that does not parse within this many b
 DEFAULT_CACHE_DIR = Path(os.environ.get("LLASO_CACHE")
                          or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "llaso-mini").expanduser()
 _SPACE = re.compile(r"[ \t\n\r]*")
-_SEPARATOR = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
 
 
 class CorpusError(ValueError):
@@ -162,17 +161,14 @@ def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
             continue
         yield base + pos, end - pos, element
         n += 1
-        separator = _SEPARATOR.match(text, end)
-        if separator is None:  # whitespace up to the block's end, ']', or a syntax error
-            pos = skip_space(end)
-            if text.startswith("]", pos):
-                return
-            if not text.startswith(",", pos):
-                what = "the file ends before the list is closed (cut short?)" if pos >= len(text) else \
-                    f"malformed JSON (expected ',' or ']' after the record, found {text[pos : pos + 20]!r})"
-                raise CorpusError(f"{name}: after record {n - 1}, byte {base + pos}: {what}")
-            separator = _SEPARATOR.match(text, pos)
-        pos = separator.end()
+        pos = skip_space(end)
+        if text.startswith("]", pos):
+            return
+        if not text.startswith(",", pos):
+            what = "the file ends before the list is closed (cut short?)" if pos >= len(text) else \
+                f"malformed JSON (expected ',' or ']' after the record, found {text[pos : pos + 20]!r})"
+            raise CorpusError(f"{name}: after record {n - 1}, byte {base + pos}: {what}")
+        pos = skip_space(pos + 1)
 
 
 def scan_jsonl(f) -> Iterator[tuple[int, int, object]]:
