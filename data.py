@@ -329,8 +329,7 @@ def parse_record(raw: bytes) -> dict:
 
 
 def conversation(record, require_answer: bool = True) -> tuple[str, str | None]:
-    """(human text, answer) of a single-turn record: one human then one gpt turn; answer None if absent and not
-    required."""
+    """(human text, answer) of a single-turn record; answer is None if absent and not required."""
     turns = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         raise RecordError("expected 'conversations': a list of {'from': ..., 'value': <text>} turns")
@@ -369,8 +368,8 @@ MAX_CHUNKS = 20  # 10 minutes per file, as the reference
 
 
 def resolve_audio(audio_root, path: str) -> Path:
-    """audio_root / a record's audio path ('/' and Windows '\\' mixed). RecordError if its words leave the root
-    (absolute, a drive letter, '..' above it; links inside it may point anywhere). Without a root ("" or None: files
+    """audio_root / a record's audio path ('/' and Windows '\\' mixed); RecordError if its words leave the root
+    (absolute, a drive letter, '..' above it; links inside may point anywhere). Without a root ("" or None: files
     named on the command line) the path is used as given."""
     relative = path.replace("\\", "/")
     if not audio_root:
@@ -553,11 +552,9 @@ def shuffled_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int, types=None) -> np.ndarray:
     """Stage 2: the reference's modality+length grouping (length = characters of all turns), one megabatch = one
-    optimizer step. The last megabatch of each type goes to a leftover pool even when it is full; the pool comes
-    last, sorted by index. "Type" is the reference's audio/image/text split: every LLaSO record has audio, so by
-    default there is one type and the grouping is by length only; types=corpus.configs() would also split by
-    modality configuration, which the reference does not.
-    """
+    optimizer step; the last megabatch of each type goes to a leftover pool, even a full one, which comes last sorted
+    by index. "Type" is the reference's audio/image/text split: every LLaSO record has audio, so by default there is
+    one type; types=corpus.configs() would also split by modality configuration, which the reference does not."""
     rng = np.random.default_rng([seed, epoch])
     lengths = np.asarray(lengths, dtype=np.int64)
     types = np.zeros(len(lengths), np.int8) if types is None else np.asarray(types)
@@ -633,10 +630,10 @@ def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=
         return 2
     problems = Counter()
 
-    def report(kind, where, reason):
+    def report(kind, path, record_no, reason):
         problems[kind] += 1
         if problems.total() <= max_listed:
-            print(f"{kind}: {where}: {reason}", file=out)
+            print(f"{kind}: {path} record {record_no}: {reason}", file=out)
 
     def table_row(configs, what):  # records per config code: unusable (-1) last
         counts = np.bincount(configs.astype(np.int64) + 1, minlength=len(CONFIGS) + 1)
@@ -648,12 +645,11 @@ def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=
         with open(path, "rb") as f:
             for record_no, row in enumerate(index):  # one record at a time, front to back: memory stays flat
                 f.seek(int(row["offset"]))
-                where = f"{path} record {record_no}"
                 try:
                     record = parse_record(f.read(int(row["length"])))
                     voices = voice_paths(record, conversation(record)[0])
                 except RecordError as error:
-                    report("malformed", where, error)
+                    report("malformed", path, record_no, error)
                     continue
                 for voice in voices:
                     try:  # a path that leaves the root is found without --audio-root too
@@ -661,7 +657,7 @@ def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=
                         if audio_root is not None:
                             check_audio(audio, decode)
                     except RecordError as error:
-                        report("audio", where, error)
+                        report("audio", path, record_no, error)
     table_row(corpus.configs(), f"total ({len(corpus.files)} files)")
     if problems.total() > max_listed:
         print(f"... only the first {max_listed} problems are listed", file=out)
