@@ -53,6 +53,7 @@ MAX_RECORD_BYTES = 16 << 20  # a "record" that does not parse within this many b
 DEFAULT_CACHE_DIR = Path(os.environ.get("LLASO_CACHE")
                          or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "llaso-mini").expanduser()
 _SPACE = re.compile(r"[ \t\n\r]*")
+_SEPARATOR = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
 
 
 class CorpusError(ValueError):
@@ -161,14 +162,17 @@ def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
             continue
         yield base + pos, end - pos, element
         n += 1
-        pos = skip_space(end)
-        if text.startswith("]", pos):
-            return
-        if not text.startswith(",", pos):
-            what = "the file ends before the list is closed (cut short?)" if pos >= len(text) else \
-                f"malformed JSON (expected ',' or ']' after the record, found {text[pos : pos + 20]!r})"
-            raise CorpusError(f"{name}: after record {n - 1}, byte {base + pos}: {what}")
-        pos = skip_space(pos + 1)
+        separator = _SEPARATOR.match(text, end)
+        if separator is None:  # whitespace up to the block's end, ']', or a syntax error
+            pos = skip_space(end)
+            if text.startswith("]", pos):
+                return
+            if not text.startswith(",", pos):
+                what = "the file ends before the list is closed (cut short?)" if pos >= len(text) else \
+                    f"malformed JSON (expected ',' or ']' after the record, found {text[pos : pos + 20]!r})"
+                raise CorpusError(f"{name}: after record {n - 1}, byte {base + pos}: {what}")
+            separator = _SEPARATOR.match(text, pos)
+        pos = separator.end()
 
 
 def scan_jsonl(f) -> Iterator[tuple[int, int, object]]:
@@ -367,18 +371,20 @@ CHUNK = 30 * SAMPLE_RATE  # 480,000 samples: one Whisper window
 MAX_CHUNKS = 20  # 10 minutes per file, as the reference
 
 
-def resolve_audio(audio_root, path: str) -> Path:
-    """audio_root / a record's audio path ('/' and Windows '\\' mixed); RecordError if its words leave the root
-    (absolute, a drive letter, '..' above it; links inside may point anywhere). Without a root ("" or None: files
-    named on the command line) the path is used as given."""
+def relative_audio_path(path: str) -> str:
+    """A record's audio path ('/' and Windows '\\' mixed) as a relative POSIX path; RecordError if its words leave
+    the audio root (absolute, a drive letter, '..' above the root; links inside the root may point anywhere)."""
     relative = path.replace("\\", "/")
-    if not audio_root:
-        return Path(relative)
     if relative.startswith("/") or re.match(r"[A-Za-z]:", relative) or \
             posixpath.normpath(relative).split("/")[0] == "..":
         raise RecordError(f"audio path '{path}' leaves the audio root (--audio-root): corpus paths must be relative "
                           "to it")
-    return Path(audio_root) / relative
+    return relative
+
+
+def resolve_audio(audio_root, path: str) -> Path:
+    """audio_root / the relative path; without a root ("" or None: files named on the command line) the path as is."""
+    return Path(audio_root) / relative_audio_path(path) if audio_root else Path(path.replace("\\", "/"))
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
@@ -653,9 +659,9 @@ def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=
                     continue
                 for voice in voices:
                     try:  # a path that leaves the root is found without --audio-root too
-                        audio = resolve_audio(audio_root or ".", voice)
+                        relative = relative_audio_path(voice)
                         if audio_root is not None:
-                            check_audio(audio, decode)
+                            check_audio(Path(audio_root) / relative, decode)
                     except RecordError as error:
                         report("audio", path, record_no, error)
     table_row(corpus.configs(), f"total ({len(corpus.files)} files)")
