@@ -545,10 +545,9 @@ def make_loader(dataset: LLaSODataset, batches, num_workers: int = 4):
 
 # ---------------------------------------------------------------------------------------------------- samplers
 #
-# An epoch's order is a pure function of (seed, epoch) — numpy's Generator seeded with the pair [seed, epoch].
-# Global batch t (one optimizer step) = order[t*G : (t+1)*G] with G = micro_batch × world_size × grad_accum, so it
-# does not depend on how many ranks share it. The incomplete last global batch is dropped: every rank runs the same
-# number of steps (a rank with fewer micro-batches would hang the others in all-reduce).
+# An epoch's order is a pure function of (seed, epoch) — numpy's Generator seeded with [seed, epoch]. Global batch t
+# (one optimizer step) = order[t*G : (t+1)*G] with G = micro_batch × world_size × grad_accum, whatever the number of
+# ranks. The incomplete last one is dropped: every rank runs the same number of steps (else all-reduce would hang).
 
 
 def shuffled_order(n: int, seed: int, epoch: int) -> np.ndarray:
