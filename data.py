@@ -1,12 +1,9 @@
 """LLaSO data, in the order it flows: record index → audio → features → prompt/labels → batch → sampler.
 
-The corpora (LLaSO-Align 12M records, LLaSO-Instruct 13.5M, LLaSO-Eval) are JSON arrays of several GB, or JSONL.
-The reference `json.load`s the whole list on every rank (~25 GB each). Here each corpus file is scanned once into a
-byte-offset index (21 bytes per record, cached beside the file and memory-mapped), and a record is parsed only when
-it is read: seek + `json.loads` of its slice. DataLoader workers share the index pages instead of copying records.
-
-Preflight check before a run (record counts per file and modality configuration, malformed records, audio files
-that are missing, unreadable or empty by their headers; --decode decodes every file, finding NaN samples too):
+The corpora (LLaSO-Align 12M records, LLaSO-Instruct 13.5M, LLaSO-Eval) are JSON lists of several GB, or JSONL,
+which the reference `json.load`s whole on every rank (~25 GB each). Here each file is scanned once into a byte-offset
+index (21 bytes per record, cached and memory-mapped: DataLoader workers share its pages), and a record is parsed
+only when it is read. Preflight check before a run (README, data.py; --decode decodes every audio file):
 
     python data.py sample/ --audio-root sample/audio
     python data.py LLaSO-Instruct/ --audio-root /data/llaso/audio --decode
@@ -18,13 +15,11 @@ Use from the training / evaluation scripts:
     dataset = LLaSODataset(corpus, tokenizer, feature_extractor, audio_root)      # eval: eval_mode=True
     order = shuffled_order(len(corpus), seed, epoch)         # stage 2: grouped_order(corpus.lengths(), ...)
     loader = make_loader(dataset, StepSampler(order, micro_batch, grad_accum, world, rank, start_step), workers)
-
-torch, transformers and model.py are imported inside the functions that need them: `import torch` alone costs
-~200 MB of RSS, and indexing / preflight must stay small.
 """
 
+# torch, transformers and model.py are imported inside the functions that need them: `import torch` alone costs
+# ~200 MB of RSS, and indexing / preflight must stay small.
 import argparse
-import array
 import hashlib
 import json
 import os
@@ -33,6 +28,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from itertools import islice
 from json.scanner import make_scanner
 from pathlib import Path
 
@@ -42,8 +38,7 @@ import soxr
 
 AUDIO = "<audio>"  # placeholder in human turns (same string as model.AUDIO)
 # LLaSO's modality configurations: text instruction + audio input, audio instruction + text input, pure audio (the
-# instruction is spoken). Only the position of <audio> in the human turn tells them apart. Index code = position in
-# CONFIGS, -1 = unusable record.
+# instruction is spoken); only where <audio> sits in the human turn tells them apart. Code = position, -1 = unusable.
 CONFIGS = ("(t,a)", "(a,t)", "(a)")
 FOLDER_CONFIG = {"text_audio": 0, "audio_text": 1, "pure_audio": 2}
 
@@ -59,12 +54,10 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("LLASO_CACHE")
                          or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "llaso-mini").expanduser()
 _SPACE = re.compile(r"[ \t\n\r]*")
 _SEPARATOR = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
-_MALFORMED = object()  # stands for a JSONL line that does not parse
 
 
 class CorpusError(ValueError):
-    """A corpus file that cannot be indexed at all: empty, neither a JSON list nor JSONL, broken JSON syntax or not
-    UTF-8 in a JSON list. The message is one line naming the file (and the record and byte where it breaks)."""
+    """A corpus file that cannot be indexed at all; one line naming the file (and record and byte where it breaks)."""
 
 
 class RecordError(ValueError):
@@ -109,18 +102,14 @@ def record_stats(record, config: int | None) -> tuple[int, int]:
             config = 1 if human.lstrip().startswith(AUDIO) else 0
         return chars, config
     except (KeyError, TypeError, AttributeError, IndexError):
-        return 0, -1  # not a usable record; reading it later says why
+        return 0, -1  # not a usable record (or None: a broken JSONL line); reading it later says why
 
 
 def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
-    """Yield (byte offset, byte length, parsed element) for each element of a top-level JSON array.
-
-    The file is read in 1 MB blocks decoded as latin-1: one character per byte, so the positions of the json
-    module's C scanner are byte offsets. JSON syntax is ASCII, so the scanner sees the true structure (and skips `}`
-    or `"` inside strings itself); only non-ASCII text comes out as UTF-8 bytes in disguise, so an element that
-    contains any is parsed again from its bytes. The scan yields exactly what json.load gives, and fails (CorpusError)
-    where json.load fails.
-    """
+    """Yield (byte offset, byte length, parsed element) per element of a top-level JSON array: exactly what json.load
+    gives, and CorpusError where json.load fails. 1 MB blocks are decoded as latin-1, one character per byte, so the
+    scanner's positions are byte offsets; JSON syntax is ASCII, so it sees the true structure, and an element that
+    holds non-ASCII text (UTF-8 bytes in disguise) is parsed again from its bytes."""
     scan_once = make_scanner(json.JSONDecoder())
     text, base, ascii_text, eof = "", 0, True, False  # text holds the file's bytes [base, base + len(text))
 
@@ -176,26 +165,25 @@ def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
         separator = _SEPARATOR.match(text, end)
         if separator is None:  # whitespace up to the block's end, ']', or a syntax error
             pos = skip_space(end)
-            if text.startswith(",", pos):
-                separator = _SEPARATOR.match(text, pos)
-            elif text.startswith("]", pos):
+            if text.startswith("]", pos):
                 return
-            else:
+            if not text.startswith(",", pos):
                 what = "the file ends before the list is closed (cut short?)" if pos >= len(text) else \
                     f"malformed JSON (expected ',' or ']' after the record, found {text[pos : pos + 20]!r})"
                 raise CorpusError(f"{name}: after record {n - 1}, byte {base + pos}: {what}")
+            separator = _SEPARATOR.match(text, pos)
         pos = separator.end()
 
 
 def scan_jsonl(f) -> Iterator[tuple[int, int, object]]:
-    """Yield (byte offset, byte length, parsed line) per non-empty line; a broken line is indexed as malformed."""
+    """Yield (byte offset, byte length, parsed line) per non-empty line; a broken line yields None (unusable)."""
     offset = 0
     for line in f:
         if line.strip():
             try:
                 record = json.loads(line)
             except ValueError:  # including bytes that are not UTF-8
-                record = _MALFORMED
+                record = None
             yield offset, len(line.rstrip(b"\r\n")), record
         offset += len(line)
 
@@ -209,13 +197,13 @@ def is_jsonl(f, path: Path) -> bool:
         start += len(block)
     if not block:
         raise CorpusError(f"{path}: the file is empty; expected a JSON list of records, or JSONL")
-    start += len(block) - len(block.lstrip(leading))  # the first value's byte
     first = block.lstrip(leading)[:1]
     f.seek(0)
     if first == b"[":
         return False
     if path.suffix == ".jsonl":
         return True
+    start += len(block) - len(block.lstrip(leading))  # the first value's byte
     f.seek(start)
     line = f.readline(MAX_RECORD_BYTES)
     try:
@@ -237,10 +225,6 @@ def is_jsonl(f, path: Path) -> bool:
                       f"byte {start}")
 
 
-def scan_records(f, path: Path):
-    return scan_jsonl(f) if is_jsonl(f, path) else scan_json_array(f, path)
-
-
 def index_path(corpus_file: Path, cache_dir=None) -> Path:
     """Beside the corpus (`x.json.idx`) if that folder is writable and no cache_dir is given, else in cache_dir."""
     if cache_dir is None and os.access(corpus_file.resolve().parent, os.W_OK):
@@ -254,44 +238,19 @@ def _source_stamp(corpus_file: Path) -> dict:
     return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def write_rows(corpus_file: Path, out) -> int:
-    """Scan a corpus file and append its index rows to the open file `out`; returns the count."""
-    config = file_config(corpus_file)
-    columns = [array.array(code) for code in "QQIb"]  # offset, length, chars, config: compact while scanning
-    count = 0
-
-    def flush():  # written every 64k records so that memory stays flat however large the corpus
-        nonlocal count
-        rows = np.empty(len(columns[0]), INDEX_DTYPE)
-        for name, column in zip(INDEX_DTYPE.names, columns):
-            rows[name] = column
-            del column[:]
-        out.write(rows.tobytes())
-        count += len(rows)
-
-    with open(corpus_file, "rb") as f:
-        offsets, lengths, chars, configs = columns
-        for offset, length, record in scan_records(f, corpus_file):
-            n_chars, code = record_stats(record, config)
-            offsets.append(offset)
-            lengths.append(length)
-            chars.append(n_chars)
-            configs.append(code)
-            if len(offsets) == 1 << 16:
-                flush()
-        flush()
-    return count
-
-
 def build_index(corpus_file: Path, index_file: Path) -> None:
     """Scan a corpus file once and write its index (to a temporary name, then renamed: ranks may race)."""
-    stamp = _source_stamp(corpus_file)
+    stamp, config, count = _source_stamp(corpus_file), file_config(corpus_file), 0
     index_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = index_file.with_name(f"{index_file.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as out:
+        with open(corpus_file, "rb") as f, open(tmp, "wb") as out:
+            records = scan_jsonl(f) if is_jsonl(f, corpus_file) else scan_json_array(f, corpus_file)
+            rows = ((offset, length, *record_stats(record, config)) for offset, length, record in records)
             out.write(bytes(HEADER_BYTES))
-            count = write_rows(corpus_file, out)
+            while block := list(islice(rows, 1 << 12)):  # 4k rows at a time: memory stays flat however large the file
+                out.write(np.array(block, INDEX_DTYPE).tobytes())
+                count += len(block)
             out.seek(0)
             out.write(json.dumps({**stamp, "records": count}).encode().ljust(HEADER_BYTES))
         os.replace(tmp, index_file)
@@ -309,21 +268,19 @@ def _read_header(index_file: Path) -> dict | None:
 
 def load_index(corpus_file: Path, cache_dir=None) -> np.ndarray:
     """The memory-mapped index of one corpus file, rebuilt first if missing or if the file's size or mtime changed."""
-    corpus_file, index_file = Path(corpus_file), index_path(Path(corpus_file), cache_dir)
+    index_file = index_path(corpus_file, cache_dir)
     header = _read_header(index_file)
     if header is None or {k: header.get(k) for k in ("version", "size", "mtime_ns")} != _source_stamp(corpus_file):
         build_index(corpus_file, index_file)
         header = _read_header(index_file)
-    if header["records"] == 0:
+    if header["records"] == 0:  # nothing to map
         return np.zeros(0, INDEX_DTYPE)
     return np.memmap(index_file, INDEX_DTYPE, "r", offset=HEADER_BYTES, shape=(header["records"],))
 
 
 class Corpus:
-    """All records of one or more corpus files, numbered 0..N-1 in file order, parsed only when read.
-
-    "record k of a file" always means position k (0-based) in the list that json.load would return.
-    """
+    """All records of one or more corpus files, numbered 0..N-1 in file order, parsed only when read. "Record k of a
+    file" always means position k (0-based) in the list that json.load would return."""
 
     def __init__(self, paths, cache_dir=None):
         self.files = corpus_files([paths] if isinstance(paths, (str, Path)) else paths)
@@ -333,6 +290,9 @@ class Corpus:
 
     def __len__(self):
         return int(self.starts[-1])
+
+    def __reduce__(self):  # workers started by spawn re-open the memory maps instead of receiving a copy
+        return Corpus, (self.files, self.cache_dir)
 
     def _file_and_record(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
@@ -361,12 +321,6 @@ class Corpus:
         """Modality code per record: index into CONFIGS, -1 = unusable record."""
         return np.concatenate([ix["config"] for ix in self.indexes])
 
-    def __getstate__(self):  # workers started by spawn re-open the memory maps instead of receiving a copy
-        return {"files": self.files, "cache_dir": self.cache_dir}
-
-    def __setstate__(self, state):
-        self.__init__(state["files"], state["cache_dir"])
-
 
 # ---------------------------------------------------------------------------------------------------- record checks
 
@@ -379,15 +333,12 @@ def parse_record(raw: bytes) -> dict:
 
 
 def conversation(record, require_answer: bool = True) -> tuple[str, str | None]:
-    """(human text, answer) of a single-turn record; answer is None if absent and not required.
-
-    As the reference: a leading non-human turn (e.g. "system") is dropped, then exactly one human and one gpt turn.
-    """
+    """(human text, answer) of a single-turn record; answer is None if absent and not required."""
     turns = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         raise RecordError("expected 'conversations': a list of {'from': ..., 'value': <text>} turns")
     roles = [t.get("from") for t in turns]
-    if roles and roles[0] != "human":  # the reference drops a leading non-human turn
+    if roles and roles[0] != "human":  # the reference drops a leading non-human turn (e.g. "system")
         turns, roles = turns[1:], roles[1:]
     if roles not in (["human", "gpt"], ["human"]) or (require_answer and roles != ["human", "gpt"]):
         raise RecordError(f"expected one 'human' turn then one 'gpt' turn, found roles {roles}")
@@ -421,25 +372,19 @@ MAX_CHUNKS = 20  # 10 minutes per file, as the reference
 
 
 def relative_audio_path(path: str) -> str:
-    """A record's audio path as a relative POSIX path: corpus paths mix '/' and Windows '\\'.
-
-    A path that would leave the audio root is refused (RecordError): absolute, a drive letter, or '..' above the
-    root. Only the words are checked, so links inside the root may point anywhere.
-    """
+    """A record's audio path ('/' and Windows '\\' mixed) as a relative POSIX path; RecordError if its words leave
+    the audio root (absolute, a drive letter, '..' above the root; links inside the root may point anywhere)."""
     relative = path.replace("\\", "/")
     if relative.startswith("/") or re.match(r"[A-Za-z]:", relative) or \
-            ".." in relative and posixpath.normpath(relative).split("/")[0] == "..":
+            posixpath.normpath(relative).split("/")[0] == "..":
         raise RecordError(f"audio path '{path}' leaves the audio root (--audio-root): corpus paths must be relative "
                           "to it")
     return relative
 
 
 def resolve_audio(audio_root, path: str) -> Path:
-    """audio_root / the relative path (training, evaluation); without a root (audio_root "" or None: files named on
-    the command line) the path is used as given."""
-    if not audio_root:
-        return Path(path.replace("\\", "/"))
-    return Path(audio_root) / relative_audio_path(path)
+    """audio_root / the relative path; without a root ("" or None: files named on the command line) the path as is."""
+    return Path(audio_root) / relative_audio_path(path) if audio_root else Path(path.replace("\\", "/"))
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
@@ -471,12 +416,8 @@ def load_audio(path: Path) -> np.ndarray:
 
 
 def split_chunks(x: np.ndarray, compat: bool = False, max_chunks: int = MAX_CHUNKS) -> tuple[list, int]:
-    """(30 s chunks, number of chunks dropped beyond max_chunks).
-
-    Default: exact 480,000-sample chunks (30 s is one chunk, 30 s + 1 sample two).
-    compat: the reference's slices of 480,001 samples (it advances by 480,001 while more than 480,000 remain); the
-    feature extractor truncates each to 480,000, so one sample per full chunk is lost.
-    """
+    """(30 s chunks, number dropped beyond max_chunks): exact 480,000-sample chunks, or with compat the reference's
+    480,001-sample slices (the feature extractor then cuts each to 480,000: one sample per full chunk is lost)."""
     step = CHUNK + 1 if compat else CHUNK
     chunks = [x[start : start + step] for start in range(0, len(x), step)]
     return chunks[:max_chunks], max(0, len(chunks) - max_chunks)
@@ -488,7 +429,6 @@ def split_chunks(x: np.ndarray, compat: bool = False, max_chunks: int = MAX_CHUN
 def load_feature_extractor(encoder_dir=None):
     """Whisper's log-mel front end: from the encoder checkpoint if it has one, else large-v3 settings (128 mels)."""
     from transformers import WhisperFeatureExtractor
-
     if encoder_dir is not None and (Path(encoder_dir) / "preprocessor_config.json").is_file():
         return WhisperFeatureExtractor.from_pretrained(encoder_dir)
     return WhisperFeatureExtractor(feature_size=128)
@@ -502,14 +442,13 @@ def log_mel(chunks: list, feature_extractor) -> np.ndarray:
 
 
 def audio_frames(n_samples: int, feature_extractor) -> int:
-    """Log-mel frames of a chunk of n samples that hold audio (the rest of its 3000 is padding): the frames whose
-    STFT window is centred inside the audio, ceil(n / hop). --trim-audio encodes only these."""
+    """Log-mel frames of a chunk of n samples whose STFT window is centred inside the audio, ceil(n / hop); the rest
+    of its 3000 is padding, which --trim-audio does not encode."""
     return min(feature_extractor.nb_max_frames, -(-n_samples // feature_extractor.hop_length))
 
 
 def audio_features(paths, feature_extractor, audio_root="", compat: bool = False, max_chunks: int = MAX_CHUNKS):
-    """(log-mels [n_chunks, n_mels, 3000] of all files, chunks per file, real frames per chunk, what was cut) for a
-    list of audio paths."""
+    """(log-mels [n_chunks, n_mels, 3000], chunks per file, real frames per chunk, what was cut) of audio files."""
     chunks, audio_chunks, cut = [], [], []
     for path in paths:
         file_chunks, dropped = split_chunks(load_audio(resolve_audio(audio_root, path)), compat, max_chunks)
@@ -526,19 +465,14 @@ def audio_features(paths, feature_extractor, audio_root="", compat: bool = False
 
 
 class LLaSODataset:
-    """Map-style dataset (for torch's DataLoader): record i → token ids, labels, log-mels of its audio.
-
-    A record that cannot be used comes back as an item with "error" set (the reason) and collate moves it to the
-    batch's "skipped" list as (file, record number, reason): training skips and counts it, evaluation writes an error
-    entry — no record disappears silently. strict=True raises RecordError (naming file and record) instead.
-    eval_mode=True builds generation prompts (answer=None) and does not require a gold answer.
-    """
+    """Map-style dataset (for torch's DataLoader): record i → token ids, labels, log-mels of its audio. An unusable
+    record comes back with "error" set, and collate lists it under "skipped" (training counts it, evaluation writes
+    an error entry); strict=True raises RecordError instead. eval_mode=True: generation prompts, no gold answer."""
 
     def __init__(self, corpus: Corpus, tokenizer, feature_extractor, audio_root, max_len: int = 2048,
                  eval_mode: bool = False, strict: bool = False, compat_chunks: bool = False,
                  max_chunks: int = MAX_CHUNKS):
         import model  # torch + transformers: only once records are tokenised
-
         self.corpus, self.tokenizer, self.feature_extractor = corpus, tokenizer, feature_extractor
         self.audio_root, self.max_len, self.eval_mode, self.strict = Path(audio_root), max_len, eval_mode, strict
         self.compat_chunks, self.max_chunks = compat_chunks, max_chunks
@@ -578,16 +512,12 @@ class LLaSODataset:
 
 
 def collate(items: list[dict]) -> dict:
-    """Batch in the format LLaSO.forward / generate expect (see the contract in model.py).
-
-    Usable records: "input_ids", "labels" (lists of 1-D LongTensors), "mels" [total_chunks, n_mels, 3000],
-    "audio_chunks" (chunks per audio file, in placeholder order), "audio_frames" (log-mel frames of each chunk that
-    hold audio, for --trim-audio), "records", "indices", "where" (file, record_no).
-    Dropped records: "skipped" [(file, record_no, reason)] and "skipped_records" (the record, None if unparsable).
-    "cut": [(file, record_no, what was cut)] for audio longer than max_chunks × 30 s.
-    """
+    """The batch LLaSO.forward / generate take. Usable records: "input_ids", "labels" (lists of 1-D LongTensors),
+    "mels" [total_chunks, n_mels, 3000], "audio_chunks" (chunks per audio file, in placeholder order), "audio_frames"
+    (log-mel frames of each chunk that hold audio, for --trim-audio), "records", "indices", "where" (file, record_no).
+    Dropped ones: "skipped" [(file, record_no, reason)], "skipped_records" (the record, None if unparsable).
+    "cut": [(file, record_no, what was cut)] for audio longer than max_chunks × 30 s."""
     import torch
-
     good = [it for it in items if it["error"] is None]
     bad = [it for it in items if it["error"] is not None]
     mels = [it["mels"] for it in good]
@@ -609,17 +539,15 @@ def collate(items: list[dict]) -> dict:
 def make_loader(dataset: LLaSODataset, batches, num_workers: int = 4):
     """DataLoader over `batches` (a StepSampler, or any iterable of index lists); features are made in workers."""
     import torch
-
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available())
 
 
 # ---------------------------------------------------------------------------------------------------- samplers
 #
-# An epoch's order is a pure function of (seed, epoch) — numpy's Generator seeded with the pair [seed, epoch].
-# Global batch t (one optimizer step) = order[t*G : (t+1)*G] with G = micro_batch × world_size × grad_accum, so it
-# does not depend on how many ranks share it. The incomplete last global batch is dropped: every rank runs the same
-# number of steps (a rank with fewer micro-batches would hang the others in all-reduce).
+# An epoch's order is a pure function of (seed, epoch) — numpy's Generator seeded with [seed, epoch]. Global batch t
+# (one optimizer step) = order[t*G : (t+1)*G] with G = micro_batch × world_size × grad_accum, whatever the number of
+# ranks. The incomplete last one is dropped: every rank runs the same number of steps (else all-reduce would hang).
 
 
 def shuffled_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -629,17 +557,9 @@ def shuffled_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int, types=None) -> np.ndarray:
     """Stage 2: the reference's modality+length grouping (length = characters of all turns), one megabatch = one
-    optimizer step.
-
-    Per type: random permutation, stable sort by length descending (ties keep the random order), cut into
-    megabatches of global_batch records; the last megabatch of each type goes to a leftover pool, even when it is
-    full (a record count that is a multiple of global_batch). The other megabatches are shuffled; the leftover pool,
-    sorted by index, comes last (its incomplete last global batch is dropped by StepSampler).
-
-    "Type" is the reference's audio/image/text split: every LLaSO record has audio, so the default is one type —
-    "grouped by modality" then changes nothing and the grouping is by length only. Passing types=corpus.configs()
-    would group by modality configuration as well; that is not what the reference does.
-    """
+    optimizer step; the last megabatch of each type goes to a leftover pool, even a full one, which comes last sorted
+    by index. "Type" is the reference's audio/image/text split: every LLaSO record has audio, so by default there is
+    one type; types=corpus.configs() would also split by modality configuration, which the reference does not."""
     rng = np.random.default_rng([seed, epoch])
     lengths = np.asarray(lengths, dtype=np.int64)
     types = np.zeros(len(lengths), np.int8) if types is None else np.asarray(types)
@@ -647,7 +567,7 @@ def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
     for t in np.unique(types):
         idx = np.flatnonzero(types == t)
         idx = idx[rng.permutation(len(idx))]
-        idx = idx[np.argsort(-lengths[idx], kind="stable")]
+        idx = idx[np.argsort(-lengths[idx], kind="stable")]  # longest first; ties keep the random order
         n_shuffled = (len(idx) - 1) // global_batch * global_batch  # all megabatches but the last
         megabatches.append(idx[:n_shuffled].reshape(-1, global_batch))
         leftover.append(idx[n_shuffled:])
@@ -656,30 +576,26 @@ def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
 
 
 class StepSampler:
-    """Batch sampler of one rank: its micro-batches of one epoch, from optimizer step `start_step` on.
-
-    Global batch t is cut into world_size × grad_accum micro-batches of micro_batch consecutive records, whatever
-    world_size is; rank r takes micro-batches r·grad_accum … (r+1)·grad_accum − 1 of it. So 2 ranks × accum a and
-    1 rank × accum 2a process exactly the same micro-batches. Resuming at a step is index arithmetic: skipped
-    records are never read.
-    """
+    """Batch sampler of one rank: its micro-batches of one epoch, from optimizer step `start_step` on (resuming
+    reads no skipped record). Global batch t is cut into world_size × grad_accum micro-batches of micro_batch
+    consecutive records; rank r takes micro-batches r·grad_accum … (r+1)·grad_accum − 1. So 2 ranks × accum a and
+    1 rank × accum 2a process exactly the same micro-batches."""
 
     def __init__(self, order: np.ndarray, micro_batch: int, grad_accum: int = 1, world_size: int = 1,
                  rank: int = 0, start_step: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-        self.order, self.micro_batch, self.grad_accum = np.asarray(order), micro_batch, grad_accum
-        self.rank, self.start_step = rank, start_step
-        self.global_batch = micro_batch * world_size * grad_accum
+        self.order, self.grad_accum, self.rank, self.start_step = np.asarray(order), grad_accum, rank, start_step
+        self.per_rank = micro_batch * grad_accum  # records of one rank per step
+        self.global_batch = self.per_rank * world_size
         self.steps = len(self.order) // self.global_batch  # incomplete last global batch dropped
         if not 0 <= start_step <= self.steps:
             raise ValueError(f"start_step {start_step} is outside the epoch's 0..{self.steps} steps")
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's grad_accum micro-batches of optimizer step `step`."""
-        first = step * self.global_batch + self.rank * self.grad_accum * self.micro_batch
-        mine = self.order[first : first + self.grad_accum * self.micro_batch].reshape(self.grad_accum, -1)
-        return mine.tolist()
+        first = step * self.global_batch + self.rank * self.per_rank
+        return self.order[first : first + self.per_rank].reshape(self.grad_accum, -1).tolist()
 
     def __iter__(self):
         for step in range(self.start_step, self.steps):
@@ -692,39 +608,26 @@ class StepSampler:
 # ---------------------------------------------------------------------------------------------------- preflight CLI
 
 
-def iter_raw_records(path: Path, index: np.ndarray) -> Iterator[tuple[int, bytes]]:
-    """(record number, JSON bytes) of every record of one file, reading it front to back."""
-    with open(path, "rb") as f:
-        for record_no, row in enumerate(index):
-            f.seek(int(row["offset"]))
-            yield record_no, f.read(int(row["length"]))
-
-
-def check_audio(path: Path, decode: bool = False) -> str | None:
-    """Why the audio file is unusable, or None. Header only: missing, unreadable or empty. decode=True decodes it
-    all, as training does: also data that does not decode, and NaN or infinite samples."""
+def check_audio(path: Path, decode: bool = False) -> None:
+    """RecordError if the audio file is missing, unreadable or empty by its header; decode=True decodes it in full,
+    as training does, and also finds data that does not decode, and NaN or infinite samples."""
     if decode:
-        try:
-            read_audio(path)
-        except RecordError as error:
-            return str(error)
-        return None
+        read_audio(path)
+        return
     if not path.is_file():
-        return f"audio file not found: {path}"
+        raise RecordError(f"audio file not found: {path}")
     try:
-        info = sf.info(path)
+        frames = sf.info(path).frames
     except (RuntimeError, OSError) as error:
-        return f"unreadable audio file {path}: {error}"
-    return f"empty audio file (0 samples): {path}" if info.frames == 0 else None
+        raise RecordError(f"unreadable audio file {path}: {error}") from None
+    if frames == 0:
+        raise RecordError(f"empty audio file (0 samples): {path}")
 
 
 def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=sys.stdout,
               decode: bool = False) -> int:
-    """Print records per file and modality configuration, and every problem found; return the exit code.
-
-    Records are checked as the dataset checks them (except tokenisation); with audio_root, every audio file is
-    checked by its header, or decoded in full with decode=True.
-    """
+    """Print records per file and modality configuration, and every problem found; return the exit code. Records
+    are checked as the dataset checks them (not tokenised), audio files when audio_root is given (check_audio)."""
     try:
         corpus = Corpus(paths, cache_dir)
     except CorpusError as error:
@@ -732,39 +635,36 @@ def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=
         return 2
     problems = Counter()
 
-    def report(kind, where, reason):
+    def report(kind, path, record_no, reason):
         problems[kind] += 1
-        if sum(problems.values()) <= max_listed:
-            print(f"{kind}: {where}: {reason}", file=out)
+        if problems.total() <= max_listed:
+            print(f"{kind}: {path} record {record_no}: {reason}", file=out)
 
-    def table_row(counts, what):  # counts of config codes -1 (unusable), 0, 1, 2
+    def table_row(configs, what):  # records per config code: unusable (-1) last
+        counts = np.bincount(configs.astype(np.int64) + 1, minlength=len(CONFIGS) + 1)
         print(f"{counts.sum():>10} " + " ".join(f"{n:>8}" for n in counts[1:]) + f" {counts[0]:>8}  {what}", file=out)
 
     print(f"{'records':>10} " + " ".join(f"{c:>8}" for c in CONFIGS) + f" {'unusable':>8}  file", file=out)
-    totals = np.zeros(len(CONFIGS) + 1, np.int64)
     for path, index in zip(corpus.files, corpus.indexes):
-        counts = np.bincount(index["config"].astype(np.int64) + 1, minlength=len(CONFIGS) + 1)
-        totals += counts
-        table_row(counts, path)
-        for record_no, raw in iter_raw_records(path, index):  # one record at a time: memory stays flat
-            where = f"{path} record {record_no}"
-            try:
-                record = parse_record(raw)
-                voices = voice_paths(record, conversation(record)[0])
-            except RecordError as error:
-                report("malformed", where, error)
-                continue
-            for voice in voices:
-                try:  # a path that leaves the root is found without --audio-root too
-                    relative = relative_audio_path(voice)
+        table_row(index["config"], path)
+        with open(path, "rb") as f:
+            for record_no, row in enumerate(index):  # one record at a time, front to back: memory stays flat
+                f.seek(int(row["offset"]))
+                try:
+                    record = parse_record(f.read(int(row["length"])))
+                    voices = voice_paths(record, conversation(record)[0])
                 except RecordError as error:
-                    report("audio", where, error)
+                    report("malformed", path, record_no, error)
                     continue
-                reason = check_audio(Path(audio_root) / relative, decode) if audio_root is not None else None
-                if reason:
-                    report("audio", where, reason)
-    table_row(totals, f"total ({len(corpus.files)} files)")
-    if sum(problems.values()) > max_listed:
+                for voice in voices:
+                    try:  # a path that leaves the root is found without --audio-root too
+                        relative = relative_audio_path(voice)
+                        if audio_root is not None:
+                            check_audio(Path(audio_root) / relative, decode)
+                    except RecordError as error:
+                        report("audio", path, record_no, error)
+    table_row(corpus.configs(), f"total ({len(corpus.files)} files)")
+    if problems.total() > max_listed:
         print(f"... only the first {max_listed} problems are listed", file=out)
     checked = "audio files not checked (no --audio-root)" if audio_root is None else \
         "audio check: every file decoded" if decode else "audio check: headers only (--decode decodes every file)"
