@@ -203,7 +203,7 @@ def test_indexing_does_not_hold_records_in_memory(tmp_path):
     line = '{"voice": ["a\\\\%d.wav"], "conversations": [{"from": "human", "value": "Transcribe.<audio>"}, ' \
            '{"from": "gpt", "value": "r\\u00e9sum\\u00e9 %d"}]}'
     path.write_text("[\n" + ",\n".join(line % (i, i) for i in range(200_000)) + "\n]\n")
-    bound = 8 << 20  # the corpus is read in 1 MB blocks; the index (21 B/record) is flushed every 64k records
+    bound = 8 << 20  # the corpus is read in 1 MB blocks; the index (21 B/record) is flushed every 4k records
 
     def peak(fn):
         tracemalloc.start()
