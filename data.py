@@ -49,7 +49,7 @@ INDEX_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u8"), ("chars", "<u4"), 
 HEADER_BYTES = 4096  # JSON header (format version, source size/mtime, record count), then the packed rows
 BLOCK_BYTES = 1 << 20  # corpus bytes read per step while indexing (larger is not faster)
 MAX_RECORD_BYTES = 16 << 20  # a "record" that does not parse within this many bytes is malformed JSON
-# The project's one cache folder (tiny preset models, indexes of read-only corpora).
+# The project's one cache folder (the llaso-random preset's models, indexes of read-only corpora).
 DEFAULT_CACHE_DIR = Path(os.environ.get("LLASO_CACHE")
                          or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "llaso-mini").expanduser()
 _SPACE = re.compile(r"[ \t\n\r]*")

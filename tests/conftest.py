@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny preset, written once per test session into a temporary folder."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,8 +19,8 @@ PREDICTIONS = ROOT / "tests" / "data" / "llaso-eval-predictions"
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """Tiny random Whisper + Llama checkpoints and the offline tokenizer (same loading code as the real ones)."""
-    return M.build_tiny(tmp_path_factory.mktemp("preset") / "tiny")
+    """A copy of the tiny preset's random Whisper + Llama and tokenizer (same loading code as the real ones)."""
+    return Path(shutil.copytree(M.TINY, tmp_path_factory.mktemp("preset") / "tiny"))
 
 
 @pytest.fixture(scope="session")

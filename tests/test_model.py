@@ -284,6 +284,14 @@ def test_llaso_random_has_the_papers_shapes(capsys):
     assert ids[0] == 128000 and ids.count(128006) == 3 and ids.count(M.AUDIO_ID) == 1
 
 
+def test_the_committed_tiny_models_are_what_make_models_writes(tmp_path):
+    M.make_models().write_tiny(tmp_path)
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted(p.relative_to(M.TINY) for p in M.TINY.rglob("*") if p.is_file())
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (M.TINY / name).read_bytes(), name
+
+
 def test_tiny_encoder_hears_the_audio(tiny_config):
     """Two different spoken sentences must give clearly different encoder outputs (else training is vacuous)."""
     clips = sorted((SAMPLE / "audio").rglob("*.wav"))[:2]
