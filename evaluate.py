@@ -599,15 +599,17 @@ def summarize(files):
 
 
 LISTED = 10  # records named per file in scores.md and per kind on the terminal; scores.json lists them all
+RECORD_LISTS = (("errors", "error_records", "could not be evaluated (error entries or answers that are not text; scored "
+                 "as empty answers)"), ("unscorable", "unscorable_records", "left out of every metric (no usable gold)"))
 
 
 def n_records(n):
     return f"{n} record{'s' * (n != 1)}"
 
 
-def listing(records):
-    shown = "; ".join(records[:LISTED])
-    return shown + (f"; and {len(records) - LISTED} more (all in scores.json)" if len(records) > LISTED else "")
+def listing(records, sep="; ", more="and {} more (all in scores.json)", limit=LISTED):
+    """The first `limit` records, then how many more there are."""
+    return sep.join(records[:limit] + [more.format(len(records) - limit)] * (len(records) > limit))
 
 
 def score_directory(results_dir, compat=None, judge=None):
@@ -628,14 +630,10 @@ def score_directory(results_dir, compat=None, judge=None):
         if judge and task_of(stem, rows)[2] in JUDGED:
             judge_file(results_dir, paths[0], rows, **judge)
         entry = files[stem] = score_file(results_dir, stem, rows, compat)
-        if errors:  # counted and listed: the records not scored as given
-            entry["errors"], entry["error_records"] = len(errors), errors
-            notes.append(f"`{stem}`: {n_records(len(errors))} could not be evaluated (error entries or answers that "
-                         f"are not text; scored as empty answers): {listing(errors)}")
-        if unscorable:
-            entry["unscorable"], entry["unscorable_records"] = len(unscorable), unscorable
-            notes.append(f"`{stem}`: {n_records(len(unscorable))} left out of every metric (no usable gold): "
-                         f"{listing(unscorable)}")
+        for (count, key, what), records in zip(RECORD_LISTS, (errors, unscorable)):
+            if records:  # counted and listed: the records not scored as given
+                entry[count], entry[key] = len(records), records
+                notes.append(f"`{stem}`: {n_records(len(records))} {what}: {listing(records)}")
         if entry["kind"] in JUDGED and not entry.get("judge_n"):
             notes.append(f"`{stem}`: no judge verdicts in gpt_result/{stem}.jsonl (run with --judge-url)")
         if entry["task"] == "unknown":
@@ -735,16 +733,12 @@ def score_directories(dirs, compat=None, normalized=False, judge=None):
         print(md_table(scores["tasks"], ["files", "n"] + shown_columns, "task"))
         print(f"{d}: {s['n_files']} files, {s['n_items']} items, {line}\n  -> {Path(d, 'scores.md')} "
               f"(every file, task, category, modality) and scores.json")
-        for key, what in (("error_records", "could not be evaluated (error entries or answers that are not text), "
-                                            "scored as empty answers"),
-                          ("unscorable_records", "without a usable gold, left out of every metric")):
+        for _, key, what in RECORD_LISTS:
             records = [r for entry in scores["files"].values() for r in entry.get(key, [])]
             if records:  # named on the terminal too, as in scores.md
                 print(f"  {n_records(len(records))} {what}:")
-                print("".join(f"    {r}\n" for r in records[:LISTED]), end="")
-                if len(records) > LISTED:
-                    more = len(records) - LISTED
-                    print(f"    ... and {more} more (scores.md names {LISTED} per file, scores.json all)")
+                print("    " + listing(records, "\n    ", f"... and {{}} more (scores.md names {LISTED} per file, "
+                                                           "scores.json all)"))
     return all_scores
 
 
@@ -1062,12 +1056,8 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
         for line in cut[:20]:
             print(f"warning: audio cut: {line}", file=sys.stderr)
         if errors:
-            print(f"{len(errors)} records could not be evaluated; they have error entries (answer \"\"):",
-                  file=sys.stderr)
-            for line in errors[:20]:
-                print(f"  {line}", file=sys.stderr)
-            if len(errors) > 20:
-                print(f"  ... and {len(errors) - 20} more (search the outputs for \"error\")", file=sys.stderr)
+            print(f"{len(errors)} records could not be evaluated; they have error entries (answer \"\"):\n  "
+                  + listing(errors, "\n  ", '... and {} more (search the outputs for "error")', 20), file=sys.stderr)
         print(f"{out}: {complete} of {len(files)} test files complete", file=sys.stderr)
     if world > 1:
         torch.distributed.destroy_process_group()
