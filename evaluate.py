@@ -599,8 +599,10 @@ def summarize(files):
 
 
 LISTED = 10  # records named per file in scores.md and per kind on the terminal; scores.json lists them all
-RECORD_LISTS = (("errors", "error_records", "could not be evaluated (error entries or answers that are not text; scored "
-                 "as empty answers)"), ("unscorable", "unscorable_records", "left out of every metric (no usable gold)"))
+RECORD_LISTS = (  # (count key, list key, what they are) in each file's scores
+    ("errors", "error_records", "could not be evaluated (error entries or answers that are not text; scored as empty "
+                                "answers)"),
+    ("unscorable", "unscorable_records", "left out of every metric (no usable gold)"))
 
 
 def n_records(n):
@@ -746,9 +748,10 @@ def score_directories(dirs, compat=None, normalized=False, judge=None):
 # pictures: a radar of every model over the task axes, and one bar panel per metric family (matplotlib, --plot only)
 
 # Each radar axis shows the task's primary metric on a 0..1 scale where outward is better; the legend says how.
-TO_UNIT = {"accuracy": ("accuracy", lambda x: x), "wer": ("1 − WER", lambda x: 1 - min(x, 1.0)),
-           "per": ("1 − PER", lambda x: 1 - min(x, 1.0)), "judge_mean": ("(judge − 1) / 4", lambda x: (x - 1) / 4),
-           "mae": ("1 − MAE / 50 (age, years) or / 24 (pitch, semitones)", None)}
+TO_UNIT = {"accuracy": ("acc", "accuracy", lambda x: x), "wer": ("WER", "1 − WER", lambda x: 1 - min(x, 1.0)),
+           "per": ("PER", "1 − PER", lambda x: 1 - min(x, 1.0)),
+           "judge_mean": ("judge", "(judge − 1) / 4", lambda x: (x - 1) / 4),
+           "mae": ("MAE", "1 − MAE / 50 (age, years) or / 24 (pitch, semitones)", None)}  # short name, scale, value
 MAE_SCALE = {"age": 50.0, "pitch": 24.0}
 FAMILIES = [("error rate ↓", ("wer", "cer", "per")), ("closed-set accuracy ↑", ("accuracy",)),
             ("abstention % ↓", ("abstention_pct",)), ("judge score (1–5) ↑", ("judge_mean",)),
@@ -760,7 +763,7 @@ def unit_value(entries):
     for e in entries:
         key, x = e["primary"], e.get(e["primary"])
         if x is not None:
-            values.append(max(0.0, 1 - x / MAE_SCALE[e["kind"]]) if key == "mae" else TO_UNIT[key][1](x))
+            values.append(max(0.0, 1 - x / MAE_SCALE[e["kind"]]) if key == "mae" else TO_UNIT[key][2](x))
     return statistics.fmean(values) if values else None
 
 
@@ -786,21 +789,18 @@ def plot_scores(all_scores, path):
     angles = np.linspace(0, 2 * np.pi, len(keys), endpoint=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, axes) in enumerate(zip(names, per_model)):
-        values = [unit_value(axes.get(k, [])) for k in keys]
-        values = [np.nan if v is None else v for v in values]  # a gap in the polygon, not a zero
-        closed = np.append(values, values[0])
+        closed = np.array([unit_value(axes.get(k, [])) for k in keys + keys[:1]], float)  # None: nan, a gap, not 0
         radar.plot(np.append(angles, angles[0]), closed, color=colors[i % 10], linewidth=2, label=name)
         radar.fill(np.append(angles, angles[0]), np.nan_to_num(closed), color=colors[i % 10], alpha=0.12)
     metric_of = {k: per_model[0].get(k, [{}])[0].get("primary", "") for k in keys}
-    short = {"accuracy": "acc", "wer": "WER", "per": "PER", "judge_mean": "judge", "mae": "MAE"}
-    radar.set_xticks(angles, [f"{k[1]}\n({short.get(metric_of[k], '?')})" for k in keys], fontsize=9)
+    radar.set_xticks(angles, [f"{k[1]}\n({TO_UNIT.get(metric_of[k], ('?',))[0]})" for k in keys], fontsize=9)
     categories = sorted({k[0] for k in keys})
     for label, key in zip(radar.get_xticklabels(), keys):  # tick colour = category
         label.set_color(plt.cm.Dark2(categories.index(key[0])))
     radar.set_ylim(0, 1)
     radar.set_yticks([0.25, 0.5, 0.75, 1.0], ["0.25", "0.5", "0.75", "1"], fontsize=8, color="grey")
     radar.set_title("LLaSO-Eval by task (outward = better)", fontsize=14, pad=30)
-    how = "\n".join(f"{short[k]}: {label}" for k, (label, _) in TO_UNIT.items())
+    how = "\n".join(f"{short}: {label}" for short, label, _ in TO_UNIT.values())
     radar.add_artist(radar.legend(loc="upper left", bbox_to_anchor=(-0.12, 1.12), fontsize=11, title="model"))
     radar.legend(handles=[Patch(color=plt.cm.Dark2(i), label=c) for i, c in enumerate(categories)],
                  loc="upper right", bbox_to_anchor=(1.12, 1.12), fontsize=10, title="task category (label colour)")
@@ -963,31 +963,21 @@ def model_files(ckpt, encoder, out):
     return files
 
 
-def differences(previous, settings):
-    """What differs between two run fingerprints, one phrase each; test files may be added, not changed."""
-    def shown(value):
-        return f"{len(value)} entries" if isinstance(value, dict) else value
-
-    changed = []
-    for key in sorted(set(previous) | set(settings)):
-        old, new = previous.get(key), settings.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            names = sorted(n for n in (set(old) & set(new) if key == "test_files" else set(old) | set(new))
-                           if old.get(n) != new.get(n))
-            if names:
-                changed.append(f"{key}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
-        elif old != new:
-            changed.append(f"{key}: {shown(old)} -> {shown(new)}")
-    return changed
-
-
 def check_run(out, settings, write=True):
     """Refuse to mix answers of different models or settings in one results directory: .partial/run.json holds the
-    first run's fingerprint (model files, data settings, test files), and a rerun must match it."""
+    first run's fingerprint (model files, data settings, test files: may be added, not changed); a rerun must match."""
     path = out / PARTIAL / "run.json"
     if path.exists():
-        previous = json.loads(path.read_text())
-        changed = differences(previous, settings)
+        previous, changed = json.loads(path.read_text()), []
+        for key in sorted(set(previous) | set(settings)):
+            old, new = previous.get(key), settings.get(key)
+            if isinstance(old, dict) and isinstance(new, dict):  # model files, test files: the names that differ
+                names = sorted(n for n in (set(old) & set(new) if key == "test_files" else set(old) | set(new))
+                               if old.get(n) != new.get(n))
+                if names:
+                    changed.append(f"{key}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+            elif old != new:
+                changed.append(f"{key}: {old} -> {new}")
         if changed:
             raise SystemExit(f"{out} holds predictions of another run; changed since: {'; '.join(changed)}. "
                              "Choose another --out, or delete it to start over.")
