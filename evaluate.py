@@ -295,9 +295,8 @@ def label_norm(text):
 
 
 def labels_named(prediction, labels, nested=True):
-    """Labels named in the prediction at word boundaries ("male" is not in "female"). A label found only inside a
-    longer named label ("irish" in "northern irish") is part of it, not a second one; nested=False counts it, as the
-    reference does."""
+    """Labels named at word boundaries ("male" is not in "female"); one found only inside a longer named label ("irish"
+    in "northern irish") is part of it, not a second label, unless nested=False (as the reference counts)."""
     text = prediction.strip().lower()
     spans = {l: [m.span() for m in re.finditer(rf"(?<![a-z0-9]){re.escape(l)}(?![a-z0-9])", text)] for l in labels}
     spans = {l: found for l, found in spans.items() if found}
@@ -518,8 +517,7 @@ def ask_judge(url, key, model, temperature, reference, predicted, timeout=120):
 
 
 def judge_file(results_dir, path, rows, url, key, model, temperature):
-    """Ask the judge about every record without a verdict on its current answer; appends to gpt_result/<stem>.jsonl
-    (the cache), keyed by the record's index in the prediction file."""
+    """Ask the judge about every record without a verdict on its current answer; appends to gpt_result/<stem>.jsonl."""
     verdicts_path = results_dir / "gpt_result" / f"{path.stem}.jsonl"
     verdicts = read_verdicts(verdicts_path)
     todo = [row for row in rows if verdicts.get(row.index, {}).get("predicted") != row.prediction.strip()]
@@ -1017,8 +1015,7 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
         mine.sort(key=lambda i: -lengths[i])  # similar prompts pad less; stable: equal lengths keep input order
         batches += [mine[b: b + batch_size] for b in range(0, len(mine), batch_size)]
         todo[k] = len(mine)
-    if stop_after is not None:
-        batches = batches[:stop_after]
+    batches = batches[:stop_after]  # None: all
     print(f"rank {rank}/{world}: {len(files)} test files, {len(files) - len(todo)} already done, "
           f"{sum(todo.values())} records to answer in {len(batches)} batches of <= {batch_size}", file=sys.stderr)
 
@@ -1098,8 +1095,7 @@ def main(argv=None):
     gen.add_argument("--data", nargs="+", metavar="EVAL_DIR_OR_FILE", help="test files, or folders with *_test.json")
     gen.add_argument("--audio-root", help="folder the records' 'voice' paths are relative to")
     gen.add_argument("--out", help="results directory: one <stem>_test.json per test file, scores.json, scores.md")
-    gen.add_argument("--encoder", help="Whisper id or directory instead of the checkpoint's (default for the released "
-                     "checkpoint: openai/whisper-large-v3)")
+    gen.add_argument("--encoder", help="Whisper id or folder, not the checkpoint's (released: openai/whisper-large-v3)")
     gen.add_argument("--batch-size", type=int, default=16, help="records per generate call (1 = as the reference)")
     gen.add_argument("--max-new-tokens", type=int, default=256, help="greedy decoding budget (reference: 256)")
     gen.add_argument("--compat-chunks", action="store_true", help="the reference's 480,001-sample chunks, not 30 s")
