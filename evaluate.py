@@ -1146,8 +1146,7 @@ def main(argv=None):
         args.out = args.out or "out/eval"
         if not (Path(args.ckpt) / "llaso_config.json").is_file():
             sys.exit(f"no finished tiny stage-2 checkpoint in {args.ckpt}: train one first with\n"
-                     "    python align.py --preset tiny && python instruct.py --preset tiny\n"
-                     "(instruct.py writes it to out/instruct at the end), or pass --ckpt DIR")
+                     "    python align.py --preset tiny && python instruct.py --preset tiny\nor pass --ckpt DIR")
     if not args.ckpt:
         parser.error("nothing to do: pass --ckpt DIR (generation or --audio/--prompt), --preset tiny, or --score DIR")
 
