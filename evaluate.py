@@ -295,9 +295,8 @@ def label_norm(text):
 
 
 def labels_named(prediction, labels, nested=True):
-    """Labels named in the prediction at word boundaries ("male" is not in "female"). A label found only inside a
-    longer named label ("irish" in "northern irish") is part of it, not a second one; nested=False counts it, as the
-    reference does."""
+    """Labels named at word boundaries ("male" is not in "female"); one found only inside a longer named label ("irish"
+    in "northern irish") is part of it, not a second label, unless nested=False (as the reference counts)."""
     text = prediction.strip().lower()
     spans = {l: [m.span() for m in re.finditer(rf"(?<![a-z0-9]){re.escape(l)}(?![a-z0-9])", text)] for l in labels}
     spans = {l: found for l, found in spans.items() if found}
@@ -518,8 +517,7 @@ def ask_judge(url, key, model, temperature, reference, predicted, timeout=120):
 
 
 def judge_file(results_dir, path, rows, url, key, model, temperature):
-    """Ask the judge about every record without a verdict on its current answer; appends to gpt_result/<stem>.jsonl
-    (the cache), keyed by the record's index in the prediction file."""
+    """Ask the judge about every record without a verdict on its current answer; appends to gpt_result/<stem>.jsonl."""
     verdicts_path = results_dir / "gpt_result" / f"{path.stem}.jsonl"
     verdicts = read_verdicts(verdicts_path)
     todo = [row for row in rows if verdicts.get(row.index, {}).get("predicted") != row.prediction.strip()]
@@ -599,15 +597,19 @@ def summarize(files):
 
 
 LISTED = 10  # records named per file in scores.md and per kind on the terminal; scores.json lists them all
+RECORD_LISTS = (  # (count key, list key, what they are) in each file's scores
+    ("errors", "error_records", "could not be evaluated (error entries or answers that are not text; scored as empty "
+                                "answers)"),
+    ("unscorable", "unscorable_records", "left out of every metric (no usable gold)"))
 
 
 def n_records(n):
     return f"{n} record{'s' * (n != 1)}"
 
 
-def listing(records):
-    shown = "; ".join(records[:LISTED])
-    return shown + (f"; and {len(records) - LISTED} more (all in scores.json)" if len(records) > LISTED else "")
+def listing(records, sep="; ", more="and {} more (all in scores.json)", limit=LISTED):
+    """The first `limit` records, then how many more there are."""
+    return sep.join(records[:limit] + [more.format(len(records) - limit)] * (len(records) > limit))
 
 
 def score_directory(results_dir, compat=None, judge=None):
@@ -628,14 +630,10 @@ def score_directory(results_dir, compat=None, judge=None):
         if judge and task_of(stem, rows)[2] in JUDGED:
             judge_file(results_dir, paths[0], rows, **judge)
         entry = files[stem] = score_file(results_dir, stem, rows, compat)
-        if errors:  # counted and listed: the records not scored as given
-            entry["errors"], entry["error_records"] = len(errors), errors
-            notes.append(f"`{stem}`: {n_records(len(errors))} could not be evaluated (error entries or answers that "
-                         f"are not text; scored as empty answers): {listing(errors)}")
-        if unscorable:
-            entry["unscorable"], entry["unscorable_records"] = len(unscorable), unscorable
-            notes.append(f"`{stem}`: {n_records(len(unscorable))} left out of every metric (no usable gold): "
-                         f"{listing(unscorable)}")
+        for (count, key, what), records in zip(RECORD_LISTS, (errors, unscorable)):
+            if records:  # counted and listed: the records not scored as given
+                entry[count], entry[key] = len(records), records
+                notes.append(f"`{stem}`: {n_records(len(records))} {what}: {listing(records)}")
         if entry["kind"] in JUDGED and not entry.get("judge_n"):
             notes.append(f"`{stem}`: no judge verdicts in gpt_result/{stem}.jsonl (run with --judge-url)")
         if entry["task"] == "unknown":
@@ -735,16 +733,12 @@ def score_directories(dirs, compat=None, normalized=False, judge=None):
         print(md_table(scores["tasks"], ["files", "n"] + shown_columns, "task"))
         print(f"{d}: {s['n_files']} files, {s['n_items']} items, {line}\n  -> {Path(d, 'scores.md')} "
               f"(every file, task, category, modality) and scores.json")
-        for key, what in (("error_records", "could not be evaluated (error entries or answers that are not text), "
-                                            "scored as empty answers"),
-                          ("unscorable_records", "without a usable gold, left out of every metric")):
+        for _, key, what in RECORD_LISTS:
             records = [r for entry in scores["files"].values() for r in entry.get(key, [])]
             if records:  # named on the terminal too, as in scores.md
                 print(f"  {n_records(len(records))} {what}:")
-                print("".join(f"    {r}\n" for r in records[:LISTED]), end="")
-                if len(records) > LISTED:
-                    more = len(records) - LISTED
-                    print(f"    ... and {more} more (scores.md names {LISTED} per file, scores.json all)")
+                print("    " + listing(records, "\n    ", f"... and {{}} more (scores.md names {LISTED} per file, "
+                                                           "scores.json all)"))
     return all_scores
 
 
@@ -752,9 +746,10 @@ def score_directories(dirs, compat=None, normalized=False, judge=None):
 # pictures: a radar of every model over the task axes, and one bar panel per metric family (matplotlib, --plot only)
 
 # Each radar axis shows the task's primary metric on a 0..1 scale where outward is better; the legend says how.
-TO_UNIT = {"accuracy": ("accuracy", lambda x: x), "wer": ("1 − WER", lambda x: 1 - min(x, 1.0)),
-           "per": ("1 − PER", lambda x: 1 - min(x, 1.0)), "judge_mean": ("(judge − 1) / 4", lambda x: (x - 1) / 4),
-           "mae": ("1 − MAE / 50 (age, years) or / 24 (pitch, semitones)", None)}
+TO_UNIT = {"accuracy": ("acc", "accuracy", lambda x: x), "wer": ("WER", "1 − WER", lambda x: 1 - min(x, 1.0)),
+           "per": ("PER", "1 − PER", lambda x: 1 - min(x, 1.0)),
+           "judge_mean": ("judge", "(judge − 1) / 4", lambda x: (x - 1) / 4),
+           "mae": ("MAE", "1 − MAE / 50 (age, years) or / 24 (pitch, semitones)", None)}  # short name, scale, value
 MAE_SCALE = {"age": 50.0, "pitch": 24.0}
 FAMILIES = [("error rate ↓", ("wer", "cer", "per")), ("closed-set accuracy ↑", ("accuracy",)),
             ("abstention % ↓", ("abstention_pct",)), ("judge score (1–5) ↑", ("judge_mean",)),
@@ -766,7 +761,7 @@ def unit_value(entries):
     for e in entries:
         key, x = e["primary"], e.get(e["primary"])
         if x is not None:
-            values.append(max(0.0, 1 - x / MAE_SCALE[e["kind"]]) if key == "mae" else TO_UNIT[key][1](x))
+            values.append(max(0.0, 1 - x / MAE_SCALE[e["kind"]]) if key == "mae" else TO_UNIT[key][2](x))
     return statistics.fmean(values) if values else None
 
 
@@ -792,21 +787,18 @@ def plot_scores(all_scores, path):
     angles = np.linspace(0, 2 * np.pi, len(keys), endpoint=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, axes) in enumerate(zip(names, per_model)):
-        values = [unit_value(axes.get(k, [])) for k in keys]
-        values = [np.nan if v is None else v for v in values]  # a gap in the polygon, not a zero
-        closed = np.append(values, values[0])
+        closed = np.array([unit_value(axes.get(k, [])) for k in keys + keys[:1]], float)  # None: nan, a gap, not 0
         radar.plot(np.append(angles, angles[0]), closed, color=colors[i % 10], linewidth=2, label=name)
         radar.fill(np.append(angles, angles[0]), np.nan_to_num(closed), color=colors[i % 10], alpha=0.12)
     metric_of = {k: per_model[0].get(k, [{}])[0].get("primary", "") for k in keys}
-    short = {"accuracy": "acc", "wer": "WER", "per": "PER", "judge_mean": "judge", "mae": "MAE"}
-    radar.set_xticks(angles, [f"{k[1]}\n({short.get(metric_of[k], '?')})" for k in keys], fontsize=9)
+    radar.set_xticks(angles, [f"{k[1]}\n({TO_UNIT.get(metric_of[k], ('?',))[0]})" for k in keys], fontsize=9)
     categories = sorted({k[0] for k in keys})
     for label, key in zip(radar.get_xticklabels(), keys):  # tick colour = category
         label.set_color(plt.cm.Dark2(categories.index(key[0])))
     radar.set_ylim(0, 1)
     radar.set_yticks([0.25, 0.5, 0.75, 1.0], ["0.25", "0.5", "0.75", "1"], fontsize=8, color="grey")
     radar.set_title("LLaSO-Eval by task (outward = better)", fontsize=14, pad=30)
-    how = "\n".join(f"{short[k]}: {label}" for k, (label, _) in TO_UNIT.items())
+    how = "\n".join(f"{short}: {label}" for short, label, _ in TO_UNIT.values())
     radar.add_artist(radar.legend(loc="upper left", bbox_to_anchor=(-0.12, 1.12), fontsize=11, title="model"))
     radar.legend(handles=[Patch(color=plt.cm.Dark2(i), label=c) for i, c in enumerate(categories)],
                  loc="upper right", bbox_to_anchor=(1.12, 1.12), fontsize=10, title="task category (label colour)")
@@ -969,31 +961,21 @@ def model_files(ckpt, encoder, out):
     return files
 
 
-def differences(previous, settings):
-    """What differs between two run fingerprints, one phrase each; test files may be added, not changed."""
-    def shown(value):
-        return f"{len(value)} entries" if isinstance(value, dict) else value
-
-    changed = []
-    for key in sorted(set(previous) | set(settings)):
-        old, new = previous.get(key), settings.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            names = sorted(n for n in (set(old) & set(new) if key == "test_files" else set(old) | set(new))
-                           if old.get(n) != new.get(n))
-            if names:
-                changed.append(f"{key}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
-        elif old != new:
-            changed.append(f"{key}: {shown(old)} -> {shown(new)}")
-    return changed
-
-
 def check_run(out, settings, write=True):
     """Refuse to mix answers of different models or settings in one results directory: .partial/run.json holds the
-    first run's fingerprint (model files, data settings, test files), and a rerun must match it."""
+    first run's fingerprint (model files, data settings, test files: may be added, not changed); a rerun must match."""
     path = out / PARTIAL / "run.json"
     if path.exists():
-        previous = json.loads(path.read_text())
-        changed = differences(previous, settings)
+        previous, changed = json.loads(path.read_text()), []
+        for key in sorted(set(previous) | set(settings)):
+            old, new = previous.get(key), settings.get(key)
+            if isinstance(old, dict) and isinstance(new, dict):  # model files, test files: the names that differ
+                names = sorted(n for n in (set(old) & set(new) if key == "test_files" else set(old) | set(new))
+                               if old.get(n) != new.get(n))
+                if names:
+                    changed.append(f"{key}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+            elif old != new:
+                changed.append(f"{key}: {old} -> {new}")
         if changed:
             raise SystemExit(f"{out} holds predictions of another run; changed since: {'; '.join(changed)}. "
                              "Choose another --out, or delete it to start over.")
@@ -1033,8 +1015,7 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
         mine.sort(key=lambda i: -lengths[i])  # similar prompts pad less; stable: equal lengths keep input order
         batches += [mine[b: b + batch_size] for b in range(0, len(mine), batch_size)]
         todo[k] = len(mine)
-    if stop_after is not None:
-        batches = batches[:stop_after]
+    batches = batches[:stop_after]  # None: all
     print(f"rank {rank}/{world}: {len(files)} test files, {len(files) - len(todo)} already done, "
           f"{sum(todo.values())} records to answer in {len(batches)} batches of <= {batch_size}", file=sys.stderr)
 
@@ -1062,12 +1043,8 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
         for line in cut[:20]:
             print(f"warning: audio cut: {line}", file=sys.stderr)
         if errors:
-            print(f"{len(errors)} records could not be evaluated; they have error entries (answer \"\"):",
-                  file=sys.stderr)
-            for line in errors[:20]:
-                print(f"  {line}", file=sys.stderr)
-            if len(errors) > 20:
-                print(f"  ... and {len(errors) - 20} more (search the outputs for \"error\")", file=sys.stderr)
+            print(f"{len(errors)} records could not be evaluated; they have error entries (answer \"\"):\n  "
+                  + listing(errors, "\n  ", '... and {} more (search the outputs for "error")', 20), file=sys.stderr)
         print(f"{out}: {complete} of {len(files)} test files complete", file=sys.stderr)
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -1118,8 +1095,7 @@ def main(argv=None):
     gen.add_argument("--data", nargs="+", metavar="EVAL_DIR_OR_FILE", help="test files, or folders with *_test.json")
     gen.add_argument("--audio-root", help="folder the records' 'voice' paths are relative to")
     gen.add_argument("--out", help="results directory: one <stem>_test.json per test file, scores.json, scores.md")
-    gen.add_argument("--encoder", help="Whisper id or directory instead of the checkpoint's (default for the released "
-                     "checkpoint: openai/whisper-large-v3)")
+    gen.add_argument("--encoder", help="Whisper id or folder, not the checkpoint's (released: openai/whisper-large-v3)")
     gen.add_argument("--batch-size", type=int, default=16, help="records per generate call (1 = as the reference)")
     gen.add_argument("--max-new-tokens", type=int, default=256, help="greedy decoding budget (reference: 256)")
     gen.add_argument("--compat-chunks", action="store_true", help="the reference's 480,001-sample chunks, not 30 s")
@@ -1170,8 +1146,7 @@ def main(argv=None):
         args.out = args.out or "out/eval"
         if not (Path(args.ckpt) / "llaso_config.json").is_file():
             sys.exit(f"no finished tiny stage-2 checkpoint in {args.ckpt}: train one first with\n"
-                     "    python align.py --preset tiny && python instruct.py --preset tiny\n"
-                     "(instruct.py writes it to out/instruct at the end), or pass --ckpt DIR")
+                     "    python align.py --preset tiny && python instruct.py --preset tiny\nor pass --ckpt DIR")
     if not args.ckpt:
         parser.error("nothing to do: pass --ckpt DIR (generation or --audio/--prompt), --preset tiny, or --score DIR")
 
