@@ -686,7 +686,7 @@ def scores_markdown(title, scores):
     group_cols = ["files", "n"] + [k for k in METRICS if k != "mae"]  # MAE units differ
     files = {stem: {**e, "coverage": e.get("coverage", e.get("judge_coverage"))} for stem, e in scores["files"].items()}
     summary = {k: v for k, v in scores["summary"].items() if k != "mae"}
-    parts = [f"# Scores: {title}", f"Mode: **{scores['mode']}** (see `evaluate.py` docstring). Rates are fractions, "
+    parts = [f"# Scores: {title}", f"Mode: **{scores['mode']}** (README, Scoring). Rates are fractions, "
              "abstention in percent, MAE with coverage = items used / items.",
              "## Summary", md_table({k: {"value": v} for k, v in summary.items()}, ["value"], "metric"),
              "## Files", md_table(files, ["task", "modality", "n"] + METRICS + ["coverage"], "file"),
