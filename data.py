@@ -387,8 +387,9 @@ def resolve_audio(audio_root, path: str) -> Path:
     return Path(audio_root) / relative_audio_path(path) if audio_root else Path(path.replace("\\", "/"))
 
 
-def read_audio(path: Path) -> tuple[np.ndarray, int]:
-    """(mono float32 samples, sample rate) of one file, decoded in full; RecordError if it cannot be used."""
+def load_audio(path: Path) -> np.ndarray:
+    """Mono float32 at 16 kHz, as the reference gets from librosa.load (channel mean, then soxr 'HQ'); RecordError if
+    the file cannot be used."""
     if not path.is_file():
         raise RecordError(f"audio file not found: {path} (check --audio-root)")
     try:
@@ -400,12 +401,6 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     x = x.mean(axis=1)
     if not np.isfinite(x).all():
         raise RecordError(f"audio file contains NaN or infinite samples: {path}")
-    return x, sr
-
-
-def load_audio(path: Path) -> np.ndarray:
-    """Mono float32 at 16 kHz, as the reference gets from librosa.load (channel mean, then soxr 'HQ')."""
-    x, sr = read_audio(path)
     if sr != SAMPLE_RATE:
         # librosa.resample then fixes the length to ceil(n * 16000 / sr), zero-padding or cutting the end: soxr
         # alone rounds, often one sample shorter at 44.1 kHz (one chunk fewer with --compat-chunks at the edge)
@@ -441,14 +436,10 @@ def log_mel(chunks: list, feature_extractor) -> np.ndarray:
     return features["input_features"].astype(np.float32, copy=False)
 
 
-def audio_frames(n_samples: int, feature_extractor) -> int:
-    """Log-mel frames of a chunk of n samples whose STFT window is centred inside the audio, ceil(n / hop); the rest
-    of its 3000 is padding, which --trim-audio does not encode."""
-    return min(feature_extractor.nb_max_frames, -(-n_samples // feature_extractor.hop_length))
-
-
 def audio_features(paths, feature_extractor, audio_root="", compat: bool = False, max_chunks: int = MAX_CHUNKS):
-    """(log-mels [n_chunks, n_mels, 3000], chunks per file, real frames per chunk, what was cut) of audio files."""
+    """(log-mels [n_chunks, n_mels, 3000], chunks per file, real frames per chunk, what was cut) of audio files. Real
+    frames: those whose STFT window is centred inside the audio, ceil(n / hop); the rest of the 3000 is padding, which
+    --trim-audio does not encode."""
     chunks, audio_chunks, cut = [], [], []
     for path in paths:
         file_chunks, dropped = split_chunks(load_audio(resolve_audio(audio_root, path)), compat, max_chunks)
@@ -458,7 +449,8 @@ def audio_features(paths, feature_extractor, audio_root="", compat: bool = False
             cut.append(f"{path}: {dropped} chunk(s) of 30 s beyond {max_chunks} dropped")
     mels = log_mel(chunks, feature_extractor) if chunks else np.zeros((0, feature_extractor.feature_size, 3000),
                                                                        np.float32)
-    return mels, audio_chunks, [audio_frames(len(c), feature_extractor) for c in chunks], cut
+    frames = [min(feature_extractor.nb_max_frames, -(-len(c) // feature_extractor.hop_length)) for c in chunks]
+    return mels, audio_chunks, frames, cut
 
 
 # ---------------------------------------------------------------------------------------------------- dataset + batch
@@ -611,11 +603,9 @@ class StepSampler:
 def check_audio(path: Path, decode: bool = False) -> None:
     """RecordError if the audio file is missing, unreadable or empty by its header; decode=True decodes it in full,
     as training does, and also finds data that does not decode, and NaN or infinite samples."""
-    if decode:
-        read_audio(path)
+    if decode or not path.is_file():  # load_audio says what is wrong
+        load_audio(path)
         return
-    if not path.is_file():
-        raise RecordError(f"audio file not found: {path}")
     try:
         frames = sf.info(path).frames
     except (RuntimeError, OSError) as error:
