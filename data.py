@@ -1,9 +1,7 @@
 """LLaSO data, in the order it flows: record index → audio → features → prompt/labels → batch → sampler.
 
-The corpora (LLaSO-Align 12M records, LLaSO-Instruct 13.5M, LLaSO-Eval) are JSON lists of several GB, or JSONL,
-which the reference `json.load`s whole on every rank (~25 GB each). Here each file is scanned once into a byte-offset
-index (21 bytes per record, cached and memory-mapped: DataLoader workers share its pages), and a record is parsed
-only when it is read. Preflight check before a run (README, data.py; --decode decodes every audio file):
+Each corpus file (a JSON list of several GB, or JSONL) is scanned once into a byte-offset index, cached and
+memory-mapped; a record is parsed only when it is read (README, data.py). Preflight check before a run:
 
     python data.py sample/ --audio-root sample/audio
     python data.py LLaSO-Instruct/ --audio-root /data/llaso/audio --decode
@@ -198,12 +196,10 @@ def is_jsonl(f, path: Path) -> bool:
     if not block:
         raise CorpusError(f"{path}: the file is empty; expected a JSON list of records, or JSONL")
     first = block.lstrip(leading)[:1]
-    f.seek(0)
-    if first == b"[":
-        return False
-    if path.suffix == ".jsonl":
-        return True
     start += len(block) - len(block.lstrip(leading))  # the first value's byte
+    f.seek(0)
+    if first == b"[" or path.suffix == ".jsonl":  # '[': a JSON list, whatever the file's name
+        return first != b"["
     f.seek(start)
     line = f.readline(MAX_RECORD_BYTES)
     try:
@@ -324,7 +320,6 @@ class Corpus:
 
 # ---------------------------------------------------------------------------------------------------- record checks
 
-
 def parse_record(raw: bytes) -> dict:
     try:
         return json.loads(raw)
@@ -354,10 +349,8 @@ def voice_paths(record, human: str) -> list[str]:
     """The record's audio paths, one per <audio> placeholder (a bare string counts as a one-element list)."""
     voice = record.get("voice")
     voice = [voice] if isinstance(voice, str) else voice
-    if not isinstance(voice, list) or not all(isinstance(v, str) and v for v in voice):
-        raise RecordError("expected 'voice': a list of audio paths")
-    if not voice:
-        raise RecordError("record has no audio ('voice' is empty); every LLaSO record has audio")
+    if not isinstance(voice, list) or not voice or not all(isinstance(v, str) and v for v in voice):
+        raise RecordError("expected 'voice': a non-empty list of audio paths (every LLaSO record has audio)")
     if human.count(AUDIO) != len(voice):
         raise RecordError(f"{human.count(AUDIO)} '{AUDIO}' placeholders in the human turn but {len(voice)} "
                           "'voice' files; they must match one to one")
@@ -388,8 +381,7 @@ def resolve_audio(audio_root, path: str) -> Path:
 
 
 def load_audio(path: Path) -> np.ndarray:
-    """Mono float32 at 16 kHz, as the reference gets from librosa.load (channel mean, then soxr 'HQ'); RecordError if
-    the file cannot be used."""
+    """Mono float32 at 16 kHz, as librosa.load in the reference (channel mean, soxr 'HQ'); RecordError if unusable."""
     if not path.is_file():
         raise RecordError(f"audio file not found: {path} (check --audio-root)")
     try:
@@ -420,7 +412,6 @@ def split_chunks(x: np.ndarray, compat: bool = False, max_chunks: int = MAX_CHUN
 
 # ---------------------------------------------------------------------------------------------------- features
 
-
 def load_feature_extractor(encoder_dir=None):
     """Whisper's log-mel front end: from the encoder checkpoint if it has one, else large-v3 settings (128 mels)."""
     from transformers import WhisperFeatureExtractor
@@ -438,8 +429,7 @@ def log_mel(chunks: list, feature_extractor) -> np.ndarray:
 
 def audio_features(paths, feature_extractor, audio_root="", compat: bool = False, max_chunks: int = MAX_CHUNKS):
     """(log-mels [n_chunks, n_mels, 3000], chunks per file, real frames per chunk, what was cut) of audio files. Real
-    frames: those whose STFT window is centred inside the audio, ceil(n / hop); the rest of the 3000 is padding, which
-    --trim-audio does not encode."""
+    frames, ceil(n / hop), have their STFT window centred inside the audio; --trim-audio encodes only those."""
     chunks, audio_chunks, cut = [], [], []
     for path in paths:
         file_chunks, dropped = split_chunks(load_audio(resolve_audio(audio_root, path)), compat, max_chunks)
@@ -454,7 +444,6 @@ def audio_features(paths, feature_extractor, audio_root="", compat: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------- dataset + batch
-
 
 class LLaSODataset:
     """Map-style dataset (for torch's DataLoader): record i → token ids, labels, log-mels of its audio. An unusable
@@ -541,7 +530,6 @@ def make_loader(dataset: LLaSODataset, batches, num_workers: int = 4):
 # (one optimizer step) = order[t*G : (t+1)*G] with G = micro_batch × world_size × grad_accum, whatever the number of
 # ranks. The incomplete last one is dropped: every rank runs the same number of steps (else all-reduce would hang).
 
-
 def shuffled_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """Stage 1: a plain random permutation of the n records."""
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -568,10 +556,9 @@ def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
 
 
 class StepSampler:
-    """Batch sampler of one rank: its micro-batches of one epoch, from optimizer step `start_step` on (resuming
-    reads no skipped record). Global batch t is cut into world_size × grad_accum micro-batches of micro_batch
-    consecutive records; rank r takes micro-batches r·grad_accum … (r+1)·grad_accum − 1. So 2 ranks × accum a and
-    1 rank × accum 2a process exactly the same micro-batches."""
+    """One rank's micro-batches of an epoch, from optimizer step `start_step` on (resuming reads no skipped record).
+    Global batch t is cut into world_size × grad_accum micro-batches of micro_batch consecutive records; rank r takes
+    r·grad_accum … (r+1)·grad_accum − 1, so 2 ranks × accum a and 1 rank × accum 2a run the same micro-batches."""
 
     def __init__(self, order: np.ndarray, micro_batch: int, grad_accum: int = 1, world_size: int = 1,
                  rank: int = 0, start_step: int = 0):
@@ -598,7 +585,6 @@ class StepSampler:
 
 
 # ---------------------------------------------------------------------------------------------------- preflight CLI
-
 
 def check_audio(path: Path, decode: bool = False) -> None:
     """RecordError if the audio file is missing, unreadable or empty by its header; decode=True decodes it in full,
