@@ -104,10 +104,9 @@ def record_stats(record, config: int | None) -> tuple[int, int]:
 
 
 def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
-    """Yield (byte offset, byte length, parsed element) per element of a top-level JSON array: exactly what json.load
-    gives, and CorpusError where json.load fails. 1 MB blocks are decoded as latin-1, one character per byte, so the
-    scanner's positions are byte offsets; JSON syntax is ASCII, so it sees the true structure, and an element that
-    holds non-ASCII text (UTF-8 bytes in disguise) is parsed again from its bytes."""
+    """Yield (byte offset, byte length, element) per element of a top-level JSON array, as json.load parses it, and
+    CorpusError where json.load fails. Blocks are decoded as latin-1 (one character per byte): positions are byte
+    offsets, JSON syntax (ASCII) is seen as it is, and an element with non-ASCII text is parsed again from its bytes."""
     scan_once = make_scanner(json.JSONDecoder())
     text, base, ascii_text, eof = "", 0, True, False  # text holds the file's bytes [base, base + len(text))
 
@@ -131,8 +130,7 @@ def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
             at = pos + error.start
             what = f"byte 0x{error.object[error.start]:02x} is not UTF-8 text (corpus files must be UTF-8)"
         else:
-            at = error.value if isinstance(error, StopIteration) else error.pos
-            msg = "Expecting value" if isinstance(error, StopIteration) else error.msg
+            at, msg = (error.value, "Expecting value") if isinstance(error, StopIteration) else (error.pos, error.msg)
             what = f"malformed JSON ({msg.removesuffix(' starting at').removesuffix(' at')})"
             if eof and (at >= len(text) or msg.startswith("Unterminated string")):
                 what = "the file ends inside this record (cut short?)"
@@ -446,13 +444,11 @@ def audio_features(paths, feature_extractor, audio_root="", compat: bool = False
 # ---------------------------------------------------------------------------------------------------- dataset + batch
 
 class LLaSODataset:
-    """Map-style dataset (for torch's DataLoader): record i → token ids, labels, log-mels of its audio. An unusable
-    record comes back with "error" set, and collate lists it under "skipped" (training counts it, evaluation writes
-    an error entry); strict=True raises RecordError instead. eval_mode=True: generation prompts, no gold answer."""
+    """Map-style dataset: record i → token ids, labels, log-mels of its audio. An unusable record comes back with
+    "error" set (collate lists it under "skipped"); strict=True raises RecordError. eval_mode: no gold answer needed."""
 
     def __init__(self, corpus: Corpus, tokenizer, feature_extractor, audio_root, max_len: int = 2048,
-                 eval_mode: bool = False, strict: bool = False, compat_chunks: bool = False,
-                 max_chunks: int = MAX_CHUNKS):
+                 eval_mode=False, strict=False, compat_chunks=False, max_chunks: int = MAX_CHUNKS):
         import model  # torch + transformers: only once records are tokenised
         self.corpus, self.tokenizer, self.feature_extractor = corpus, tokenizer, feature_extractor
         self.audio_root, self.max_len, self.eval_mode, self.strict = Path(audio_root), max_len, eval_mode, strict
@@ -493,11 +489,10 @@ class LLaSODataset:
 
 
 def collate(items: list[dict]) -> dict:
-    """The batch LLaSO.forward / generate take. Usable records: "input_ids", "labels" (lists of 1-D LongTensors),
-    "mels" [total_chunks, n_mels, 3000], "audio_chunks" (chunks per audio file, in placeholder order), "audio_frames"
-    (log-mel frames of each chunk that hold audio, for --trim-audio), "records", "indices", "where" (file, record_no).
-    Dropped ones: "skipped" [(file, record_no, reason)], "skipped_records" (the record, None if unparsable).
-    "cut": [(file, record_no, what was cut)] for audio longer than max_chunks × 30 s."""
+    """The batch LLaSO.forward / generate take. Usable records: "input_ids", "labels" (lists of 1-D LongTensors), "mels"
+    [total_chunks, n_mels, 3000], "audio_chunks" (chunks per audio file, in placeholder order), "audio_frames" (real
+    frames per chunk, for --trim-audio), "records", "indices", "where" (file, record_no), "cut" [(file, record_no,
+    what was cut)]. Dropped ones: "skipped" [(file, record_no, reason)], "skipped_records" (None if unparsable)."""
     import torch
     good = [it for it in items if it["error"] is None]
     bad = [it for it in items if it["error"] is not None]
@@ -536,10 +531,9 @@ def shuffled_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int, types=None) -> np.ndarray:
-    """Stage 2: the reference's modality+length grouping (length = characters of all turns), one megabatch = one
-    optimizer step; the last megabatch of each type goes to a leftover pool, even a full one, which comes last sorted
-    by index. "Type" is the reference's audio/image/text split: every LLaSO record has audio, so by default there is
-    one type; types=corpus.configs() would also split by modality configuration, which the reference does not."""
+    """Stage 2: the reference's modality+length grouping (length = characters of all turns), one megabatch per optimizer
+    step; each type's last megabatch, even a full one, goes to a leftover pool that comes last, sorted by index. Type:
+    the reference's audio/image/text, one in LLaSO; types=corpus.configs() also splits by modality, unlike it."""
     rng = np.random.default_rng([seed, epoch])
     lengths = np.asarray(lengths, dtype=np.int64)
     types = np.zeros(len(lengths), np.int8) if types is None else np.asarray(types)
@@ -600,8 +594,7 @@ def check_audio(path: Path, decode: bool = False) -> None:
         raise RecordError(f"empty audio file (0 samples): {path}")
 
 
-def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=sys.stdout,
-              decode: bool = False) -> int:
+def preflight(paths, audio_root=None, cache_dir=None, max_listed=50, out=sys.stdout, decode=False) -> int:
     """Print records per file and modality configuration, and every problem found; return the exit code. Records
     are checked as the dataset checks them (not tokenised), audio files when audio_root is given (check_audio)."""
     try:
