@@ -1,9 +1,7 @@
 """LLaSO data, in the order it flows: record index → audio → features → prompt/labels → batch → sampler.
 
-The corpora (LLaSO-Align 12M records, LLaSO-Instruct 13.5M, LLaSO-Eval) are JSON lists of several GB, or JSONL,
-which the reference `json.load`s whole on every rank (~25 GB each). Here each file is scanned once into a byte-offset
-index (21 bytes per record, cached and memory-mapped: DataLoader workers share its pages), and a record is parsed
-only when it is read. Preflight check before a run (README, data.py; --decode decodes every audio file):
+Each corpus file (a JSON list of several GB, or JSONL) is scanned once into a byte-offset index, cached and
+memory-mapped; a record is parsed only when it is read (README, data.py). Preflight check before a run:
 
     python data.py sample/ --audio-root sample/audio
     python data.py LLaSO-Instruct/ --audio-root /data/llaso/audio --decode
@@ -106,10 +104,9 @@ def record_stats(record, config: int | None) -> tuple[int, int]:
 
 
 def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
-    """Yield (byte offset, byte length, parsed element) per element of a top-level JSON array: exactly what json.load
-    gives, and CorpusError where json.load fails. 1 MB blocks are decoded as latin-1, one character per byte, so the
-    scanner's positions are byte offsets; JSON syntax is ASCII, so it sees the true structure, and an element that
-    holds non-ASCII text (UTF-8 bytes in disguise) is parsed again from its bytes."""
+    """Yield (byte offset, byte length, element) per element of a top-level JSON array, as json.load parses it, and
+    CorpusError where json.load fails. Blocks are decoded as latin-1 (one character per byte): positions are byte
+    offsets, JSON syntax (ASCII) is seen as it is, and an element with non-ASCII text is parsed again from its bytes."""
     scan_once = make_scanner(json.JSONDecoder())
     text, base, ascii_text, eof = "", 0, True, False  # text holds the file's bytes [base, base + len(text))
 
@@ -133,8 +130,7 @@ def scan_json_array(f, name) -> Iterator[tuple[int, int, object]]:
             at = pos + error.start
             what = f"byte 0x{error.object[error.start]:02x} is not UTF-8 text (corpus files must be UTF-8)"
         else:
-            at = error.value if isinstance(error, StopIteration) else error.pos
-            msg = "Expecting value" if isinstance(error, StopIteration) else error.msg
+            at, msg = (error.value, "Expecting value") if isinstance(error, StopIteration) else (error.pos, error.msg)
             what = f"malformed JSON ({msg.removesuffix(' starting at').removesuffix(' at')})"
             if eof and (at >= len(text) or msg.startswith("Unterminated string")):
                 what = "the file ends inside this record (cut short?)"
@@ -198,12 +194,10 @@ def is_jsonl(f, path: Path) -> bool:
     if not block:
         raise CorpusError(f"{path}: the file is empty; expected a JSON list of records, or JSONL")
     first = block.lstrip(leading)[:1]
-    f.seek(0)
-    if first == b"[":
-        return False
-    if path.suffix == ".jsonl":
-        return True
     start += len(block) - len(block.lstrip(leading))  # the first value's byte
+    f.seek(0)
+    if first == b"[" or path.suffix == ".jsonl":  # '[': a JSON list, whatever the file's name
+        return first != b"["
     f.seek(start)
     line = f.readline(MAX_RECORD_BYTES)
     try:
@@ -324,7 +318,6 @@ class Corpus:
 
 # ---------------------------------------------------------------------------------------------------- record checks
 
-
 def parse_record(raw: bytes) -> dict:
     try:
         return json.loads(raw)
@@ -354,10 +347,8 @@ def voice_paths(record, human: str) -> list[str]:
     """The record's audio paths, one per <audio> placeholder (a bare string counts as a one-element list)."""
     voice = record.get("voice")
     voice = [voice] if isinstance(voice, str) else voice
-    if not isinstance(voice, list) or not all(isinstance(v, str) and v for v in voice):
-        raise RecordError("expected 'voice': a list of audio paths")
-    if not voice:
-        raise RecordError("record has no audio ('voice' is empty); every LLaSO record has audio")
+    if not isinstance(voice, list) or not voice or not all(isinstance(v, str) and v for v in voice):
+        raise RecordError("expected 'voice': a non-empty list of audio paths (every LLaSO record has audio)")
     if human.count(AUDIO) != len(voice):
         raise RecordError(f"{human.count(AUDIO)} '{AUDIO}' placeholders in the human turn but {len(voice)} "
                           "'voice' files; they must match one to one")
@@ -387,8 +378,8 @@ def resolve_audio(audio_root, path: str) -> Path:
     return Path(audio_root) / relative_audio_path(path) if audio_root else Path(path.replace("\\", "/"))
 
 
-def read_audio(path: Path) -> tuple[np.ndarray, int]:
-    """(mono float32 samples, sample rate) of one file, decoded in full; RecordError if it cannot be used."""
+def load_audio(path: Path) -> np.ndarray:
+    """Mono float32 at 16 kHz, as librosa.load in the reference (channel mean, soxr 'HQ'); RecordError if unusable."""
     if not path.is_file():
         raise RecordError(f"audio file not found: {path} (check --audio-root)")
     try:
@@ -400,12 +391,6 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     x = x.mean(axis=1)
     if not np.isfinite(x).all():
         raise RecordError(f"audio file contains NaN or infinite samples: {path}")
-    return x, sr
-
-
-def load_audio(path: Path) -> np.ndarray:
-    """Mono float32 at 16 kHz, as the reference gets from librosa.load (channel mean, then soxr 'HQ')."""
-    x, sr = read_audio(path)
     if sr != SAMPLE_RATE:
         # librosa.resample then fixes the length to ceil(n * 16000 / sr), zero-padding or cutting the end: soxr
         # alone rounds, often one sample shorter at 44.1 kHz (one chunk fewer with --compat-chunks at the edge)
@@ -425,7 +410,6 @@ def split_chunks(x: np.ndarray, compat: bool = False, max_chunks: int = MAX_CHUN
 
 # ---------------------------------------------------------------------------------------------------- features
 
-
 def load_feature_extractor(encoder_dir=None):
     """Whisper's log-mel front end: from the encoder checkpoint if it has one, else large-v3 settings (128 mels)."""
     from transformers import WhisperFeatureExtractor
@@ -441,14 +425,9 @@ def log_mel(chunks: list, feature_extractor) -> np.ndarray:
     return features["input_features"].astype(np.float32, copy=False)
 
 
-def audio_frames(n_samples: int, feature_extractor) -> int:
-    """Log-mel frames of a chunk of n samples whose STFT window is centred inside the audio, ceil(n / hop); the rest
-    of its 3000 is padding, which --trim-audio does not encode."""
-    return min(feature_extractor.nb_max_frames, -(-n_samples // feature_extractor.hop_length))
-
-
 def audio_features(paths, feature_extractor, audio_root="", compat: bool = False, max_chunks: int = MAX_CHUNKS):
-    """(log-mels [n_chunks, n_mels, 3000], chunks per file, real frames per chunk, what was cut) of audio files."""
+    """(log-mels [n_chunks, n_mels, 3000], chunks per file, real frames per chunk, what was cut) of audio files. Real
+    frames, ceil(n / hop), have their STFT window centred inside the audio; --trim-audio encodes only those."""
     chunks, audio_chunks, cut = [], [], []
     for path in paths:
         file_chunks, dropped = split_chunks(load_audio(resolve_audio(audio_root, path)), compat, max_chunks)
@@ -458,20 +437,18 @@ def audio_features(paths, feature_extractor, audio_root="", compat: bool = False
             cut.append(f"{path}: {dropped} chunk(s) of 30 s beyond {max_chunks} dropped")
     mels = log_mel(chunks, feature_extractor) if chunks else np.zeros((0, feature_extractor.feature_size, 3000),
                                                                        np.float32)
-    return mels, audio_chunks, [audio_frames(len(c), feature_extractor) for c in chunks], cut
+    frames = [min(feature_extractor.nb_max_frames, -(-len(c) // feature_extractor.hop_length)) for c in chunks]
+    return mels, audio_chunks, frames, cut
 
 
 # ---------------------------------------------------------------------------------------------------- dataset + batch
 
-
 class LLaSODataset:
-    """Map-style dataset (for torch's DataLoader): record i → token ids, labels, log-mels of its audio. An unusable
-    record comes back with "error" set, and collate lists it under "skipped" (training counts it, evaluation writes
-    an error entry); strict=True raises RecordError instead. eval_mode=True: generation prompts, no gold answer."""
+    """Map-style dataset: record i → token ids, labels, log-mels of its audio. An unusable record comes back with
+    "error" set (collate lists it under "skipped"); strict=True raises RecordError. eval_mode: no gold answer needed."""
 
     def __init__(self, corpus: Corpus, tokenizer, feature_extractor, audio_root, max_len: int = 2048,
-                 eval_mode: bool = False, strict: bool = False, compat_chunks: bool = False,
-                 max_chunks: int = MAX_CHUNKS):
+                 eval_mode=False, strict=False, compat_chunks=False, max_chunks: int = MAX_CHUNKS):
         import model  # torch + transformers: only once records are tokenised
         self.corpus, self.tokenizer, self.feature_extractor = corpus, tokenizer, feature_extractor
         self.audio_root, self.max_len, self.eval_mode, self.strict = Path(audio_root), max_len, eval_mode, strict
@@ -512,11 +489,10 @@ class LLaSODataset:
 
 
 def collate(items: list[dict]) -> dict:
-    """The batch LLaSO.forward / generate take. Usable records: "input_ids", "labels" (lists of 1-D LongTensors),
-    "mels" [total_chunks, n_mels, 3000], "audio_chunks" (chunks per audio file, in placeholder order), "audio_frames"
-    (log-mel frames of each chunk that hold audio, for --trim-audio), "records", "indices", "where" (file, record_no).
-    Dropped ones: "skipped" [(file, record_no, reason)], "skipped_records" (the record, None if unparsable).
-    "cut": [(file, record_no, what was cut)] for audio longer than max_chunks × 30 s."""
+    """The batch LLaSO.forward / generate take. Usable records: "input_ids", "labels" (lists of 1-D LongTensors), "mels"
+    [total_chunks, n_mels, 3000], "audio_chunks" (chunks per audio file, in placeholder order), "audio_frames" (real
+    frames per chunk, for --trim-audio), "records", "indices", "where" (file, record_no), "cut" [(file, record_no,
+    what was cut)]. Dropped ones: "skipped" [(file, record_no, reason)], "skipped_records" (None if unparsable)."""
     import torch
     good = [it for it in items if it["error"] is None]
     bad = [it for it in items if it["error"] is not None]
@@ -549,17 +525,15 @@ def make_loader(dataset: LLaSODataset, batches, num_workers: int = 4):
 # (one optimizer step) = order[t*G : (t+1)*G] with G = micro_batch × world_size × grad_accum, whatever the number of
 # ranks. The incomplete last one is dropped: every rank runs the same number of steps (else all-reduce would hang).
 
-
 def shuffled_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """Stage 1: a plain random permutation of the n records."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int, types=None) -> np.ndarray:
-    """Stage 2: the reference's modality+length grouping (length = characters of all turns), one megabatch = one
-    optimizer step; the last megabatch of each type goes to a leftover pool, even a full one, which comes last sorted
-    by index. "Type" is the reference's audio/image/text split: every LLaSO record has audio, so by default there is
-    one type; types=corpus.configs() would also split by modality configuration, which the reference does not."""
+    """Stage 2: the reference's modality+length grouping (length = characters of all turns), one megabatch per optimizer
+    step; each type's last megabatch, even a full one, goes to a leftover pool that comes last, sorted by index. Type:
+    the reference's audio/image/text, one in LLaSO; types=corpus.configs() also splits by modality, unlike it."""
     rng = np.random.default_rng([seed, epoch])
     lengths = np.asarray(lengths, dtype=np.int64)
     types = np.zeros(len(lengths), np.int8) if types is None else np.asarray(types)
@@ -576,10 +550,9 @@ def grouped_order(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
 
 
 class StepSampler:
-    """Batch sampler of one rank: its micro-batches of one epoch, from optimizer step `start_step` on (resuming
-    reads no skipped record). Global batch t is cut into world_size × grad_accum micro-batches of micro_batch
-    consecutive records; rank r takes micro-batches r·grad_accum … (r+1)·grad_accum − 1. So 2 ranks × accum a and
-    1 rank × accum 2a process exactly the same micro-batches."""
+    """One rank's micro-batches of an epoch, from optimizer step `start_step` on (resuming reads no skipped record).
+    Global batch t is cut into world_size × grad_accum micro-batches of micro_batch consecutive records; rank r takes
+    r·grad_accum … (r+1)·grad_accum − 1, so 2 ranks × accum a and 1 rank × accum 2a run the same micro-batches."""
 
     def __init__(self, order: np.ndarray, micro_batch: int, grad_accum: int = 1, world_size: int = 1,
                  rank: int = 0, start_step: int = 0):
@@ -607,15 +580,12 @@ class StepSampler:
 
 # ---------------------------------------------------------------------------------------------------- preflight CLI
 
-
 def check_audio(path: Path, decode: bool = False) -> None:
     """RecordError if the audio file is missing, unreadable or empty by its header; decode=True decodes it in full,
     as training does, and also finds data that does not decode, and NaN or infinite samples."""
-    if decode:
-        read_audio(path)
+    if decode or not path.is_file():  # load_audio says what is wrong
+        load_audio(path)
         return
-    if not path.is_file():
-        raise RecordError(f"audio file not found: {path}")
     try:
         frames = sf.info(path).frames
     except (RuntimeError, OSError) as error:
@@ -624,8 +594,7 @@ def check_audio(path: Path, decode: bool = False) -> None:
         raise RecordError(f"empty audio file (0 samples): {path}")
 
 
-def preflight(paths, audio_root=None, cache_dir=None, max_listed: int = 50, out=sys.stdout,
-              decode: bool = False) -> int:
+def preflight(paths, audio_root=None, cache_dir=None, max_listed=50, out=sys.stdout, decode=False) -> int:
     """Print records per file and modality configuration, and every problem found; return the exit code. Records
     are checked as the dataset checks them (not tokenised), audio files when audio_root is given (check_audio)."""
     try:
