@@ -23,7 +23,6 @@ Scoring directories of prediction files (README "Scoring": file layout, every ru
     OPENAI_API_KEY=... python evaluate.py --score results/A --judge-url https://api.openai.com/v1/chat/completions
 """
 import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -844,17 +843,11 @@ def find_test_files(paths):
 
 
 def distributed():
-    """(rank, world size, device) from torchrun's environment; a plain `python evaluate.py` is rank 0 of 1."""
-    import torch
-    import torch.distributed as dist
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        # ranks finish their shares at slightly different times: a generous timeout for the final barrier
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-    return rank, world, device
+    """(rank, world size, device) from torchrun's environment, set up as training does (align.set_up); a plain
+    `python evaluate.py` is rank 0 of 1."""
+    from align import set_up
+    env = set_up("fp32")  # the precision only names training's policy; evaluation's dtype is load_model's
+    return env.rank, env.world, env.device
 
 
 def default_dtype(device):
