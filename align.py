@@ -76,16 +76,15 @@ def knob(default, help: str, stage: int = 1, choices: tuple | None = None):
 class Config:
     data: list = knob([], "corpus JSON/JSONL files or folders (folders are searched recursively)")
     audio_root: str = knob("", "folder the records' audio paths are relative to")
-    encoder: str = knob(M.ModelConfig.encoder, "Whisper checkpoint, hub id or directory (default: the paper's "
-                        "Whisper-large-v3; with --init the artifact's own encoder)")
+    encoder: str = knob(M.ModelConfig.encoder, "Whisper checkpoint, hub id or directory (default: Whisper-large-v3; "
+                        "with --init the artifact's own)")
     llm: str = knob(M.ModelConfig.llm, "causal LM + tokenizer, hub id or directory (default: Llama-3.2-3B-Instruct)")
     projector: str = knob("", "stage-1 output directory or projector.safetensors to start the projector from", stage=2)
-    init: str = knob("", "fine-tune a whole model further: a stage-2 artifact or the released LLaSO-Base (instead "
-                     "of --llm and --projector; it keeps its own encoder unless --encoder is given)", stage=2)
+    init: str = knob("", "a stage-2 artifact or LLaSO-Base to fine-tune (instead of --llm and --projector)", stage=2)
     out: str = knob("out/align", "output directory: log.jsonl, checkpoints, the final model")
     overwrite: bool = knob(False, "delete the run already in --out (log, checkpoints, model) and start afresh")
-    resume: bool = knob(False, "continue the run in --out from its newest checkpoint (same batches, same losses); "
-                        "refused if a setting that changes the trajectory differs")
+    resume: bool = knob(False, "continue the run in --out from its newest checkpoint (refused if a setting differs "
+                        "that changes the trajectory)")
     batch_size: int = knob(2, "micro-batch per device")
     grad_accum: int = knob(32, "micro-batches per optimizer step on each device")
     lr: float = knob(1e-3, "peak learning rate")
@@ -103,24 +102,18 @@ class Config:
     strict: bool = knob(False, "stop at the first unusable record instead of skipping and counting it")
     compat_chunks: bool = knob(False, "cut long audio as the reference: 480,001-sample slices, one lost per chunk")
     workers: int = knob(4, "DataLoader worker processes per device")
-    index_dir: str = knob("", "folder for the corpus indexes (default: beside each corpus file where writable, else "
-                          "the cache folder); for a corpus on read-only shared storage: each node's local disk")
+    index_dir: str = knob("", "corpus index folder (default: beside each corpus file if writable, else the cache)")
     fsdp: bool = knob(False, "shard the LLM per decoder layer with FSDP2 instead of plain DDP (stage 2, small GPUs)")
     peak_tflops: float = knob(0.0, "per-GPU peak bf16 TFLOP/s for the MFU column; 0 = guess from the GPU name")
-    precision: str = knob("", "bf16: frozen parts bf16, trainable weights and AdamW state fp32, bf16 autocast (--fsdp: "
-                          "bf16 gathers, fp32 reduction); fp32: all fp32 (default: bf16 on CUDA, fp32 on CPU)",
-                          choices=("bf16", "fp32"))
-    tf32: bool = knob(False, "TF32 for fp32 matmuls on CUDA (default off, as the reference's scripts state; its "
-                      "train.py turns matmul TF32 back on, which --tf32 reproduces)")
+    precision: str = knob("", "bf16: frozen parts bf16, trained ones fp32, bf16 autocast; fp32: all fp32 (default: "
+                          "bf16 on CUDA, fp32 on CPU)", choices=("bf16", "fp32"))
+    tf32: bool = knob(False, "TF32 for fp32 matmuls on CUDA, as the reference's train.py turns on (its scripts: off)")
     # fewer audio tokens and the unfrozen encoder: not LLaSO, off by default (README "Fewer audio tokens")
-    stack: int = knob(None, "concatenate K consecutive encoder frames per LLM position: 1500/K positions per 30 s "
-                      "chunk (default: the --projector/--init model's, else 1 = LLaSO)")
-    trim_audio: bool = knob(False, "encode each clip at its real length, not padded to 30 s (stage 2 takes it from "
-                            "its --projector/--init model)")
+    stack: int = knob(None, "K encoder frames per LLM position (default: the --projector/--init model's, else 1)")
+    trim_audio: bool = knob(False, "encode clips at their length, not padded to 30 s (stage 2: as its starting model)")
     train_encoder: bool = knob(False, "train Whisper's encoder too (fp32 master weights; saved as encoder/)", stage=2)
-    report_to: str = knob("none", "tracker rank 0 sends each log.jsonl line and the config to (wandb: also offline, "
-                          "with WANDB_MODE=offline; tensorboard: in --out/tensorboard)",
-                          choices=["none", "wandb", "tensorboard"])
+    report_to: str = knob("none", "send each log.jsonl line and the config to wandb (WANDB_MODE=offline too) or "
+                          "TensorBoard (--out/tensorboard)", choices=["none", "wandb", "tensorboard"])
 
 
 # The tiny preset: models that fit a CPU, the sample corpus, a few minutes. A tiny random LLM learns nothing in minutes
