@@ -156,7 +156,12 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
         parser.error("--data and --audio-root are required (or use --preset tiny)")
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out and --overwrite deletes it: give one of them")
-    check_tracker(cfg.report_to)  # before any model is loaded
+    if cfg.report_to != "none":  # a missing tracker package ends the run before any model is loaded
+        try:
+            importlib.import_module(cfg.report_to)  # the package is named as the tracker
+        except ImportError:
+            raise SystemExit(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install "
+                             f"{cfg.report_to} (or pip install -r requirements-extras.txt)") from None
     return cfg
 
 
@@ -213,29 +218,28 @@ def batch_flops(model: M.LLaSO, batch, train_llm: bool) -> float:
     enc, llm = model.encoder.config, model.llm.config
     train_encoder = model.encoder.conv1.weight.requires_grad  # --train-encoder
 
-    def cost(forward: float, trains: bool, input_grad: bool) -> float:  # attention: trains = input_grad = gradient
-        return forward * (1 + trains + input_grad)
+    def cost(weights: int, positions: int, trains: bool, input_grad: bool) -> int:  # attention: QK^T and AV are
+        return 2 * weights * positions * (1 + trains + input_grad)  # 2 x width "weights" a layer, T x T positions
 
-    def matmul_weights(module: torch.nn.Module) -> int:  # each linear layer: one multiply-add per weight and position
+    def linear(module: torch.nn.Module) -> int:  # each linear layer: one multiply-add per weight and position
         return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
     # log-mel frames and encoder positions per chunk (3000 and 1500, or a trimmed chunk's own)
     frames = model.real_frames(batch) or [M.MEL_FRAMES_PER_CHUNK] * len(batch["mels"])
     encoded = [(f + 1) // 2 for f in frames]  # conv2 has stride 2
-    encoder = (cost(2 * model.encoder.conv1.weight.numel() * sum(frames), train_encoder, False)
-               + cost(2 * model.encoder.conv2.weight.numel() * sum(encoded), train_encoder, train_encoder)
-               + cost(2 * matmul_weights(model.encoder.layers) * sum(encoded), train_encoder, train_encoder)
-               + cost(4 * enc.encoder_layers * enc.d_model * sum(t * t for t in encoded), train_encoder, train_encoder))
+    encoder = (cost(model.encoder.conv1.weight.numel(), sum(frames), train_encoder, False)
+               + cost(model.encoder.conv2.weight.numel(), sum(encoded), train_encoder, train_encoder)
+               + cost(linear(model.encoder.layers), sum(encoded), train_encoder, train_encoder)
+               + cost(2 * enc.encoder_layers * enc.d_model, sum(t * t for t in encoded), train_encoder, train_encoder))
     projected = sum(model.chunk_positions(batch))  # fewer with --stack / --trim-audio
-    first, second = model.projector[0].weight.numel(), model.projector[2].weight.numel()
-    projector = cost(2 * first * projected, True, train_encoder) + cost(2 * second * projected, True, True)
+    projector = (cost(model.projector[0].weight.numel(), projected, True, train_encoder)
+                 + cost(model.projector[2].weight.numel(), projected, True, True))
     lengths = llm_positions(model, batch)
     supervised = sum(int((labels != M.IGNORE).sum()) for labels in batch["labels"])  # the LM head's (LLaSO.forward)
-    attention_width = llm.num_attention_heads * (getattr(llm, "head_dim", None)
-                                                 or llm.hidden_size // llm.num_attention_heads)
-    decoder = (cost(2 * matmul_weights(model.llm.model.layers) * sum(lengths), train_llm, True)
-               + cost(4 * llm.num_hidden_layers * attention_width * sum(t * t for t in lengths), True, True)
-               + cost(2 * model.llm.get_output_embeddings().weight.numel() * supervised, train_llm, True))
+    width = llm.num_attention_heads * (getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads)
+    decoder = (cost(linear(model.llm.model.layers), sum(lengths), train_llm, True)
+               + cost(2 * llm.num_hidden_layers * width, sum(t * t for t in lengths), True, True)
+               + cost(model.llm.get_output_embeddings().weight.numel(), supervised, train_llm, True))
     return encoder + projector + decoder
 
 
@@ -653,17 +657,6 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
 
 # ----------------------------------------------------------------------------------------------------------
 # Log (log.jsonl, and with --report-to every line to wandb or TensorBoard), checkpoints, final artifact
-
-
-def check_tracker(kind: str):
-    """Before any model is loaded: a missing tracker package stops the run with the command that installs it."""
-    if kind == "none":
-        return
-    try:
-        importlib.import_module(kind)  # the package is named as the tracker
-    except ImportError:
-        raise SystemExit(f"--report-to {kind} needs the {kind} package: pip install {kind} (or pip install -r "
-                         "requirements-extras.txt)") from None
 
 
 class Tracker:
