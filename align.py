@@ -211,10 +211,9 @@ def llm_positions(model: M.LLaSO, batch) -> list[int]:
 
 
 def batch_flops(model: M.LLaSO, batch, train_llm: bool) -> float:
-    """Model FLOPs of one micro-batch: 2 per multiply-add of every matmul (weights x positions; attention's QK^T
-    and AV over the whole T x T square, as PaLM counts them), no activation recompute, no padding (README, MFU).
-    A part costs its forward F, + F for its input's gradient when a part before it trains, + F for its weights'
-    gradient when they train; attention's backward (dQ, dK, dV) costs 2F wherever a gradient passes."""
+    """Model FLOPs of one micro-batch (README, MFU): 2 per multiply-add of every matmul (attention's QK^T and AV over
+    the whole T x T square, as PaLM counts them), no recompute, no padding. A part costs its forward F, + F for its
+    input's gradient when a part before it trains, + F for its weights' gradient when they train."""
     enc, llm = model.encoder.config, model.llm.config
     train_encoder = model.encoder.conv1.weight.requires_grad  # --train-encoder
 
@@ -324,8 +323,7 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def prepare_out(cfg: Config, env: Env) -> Path:
-    """A fresh run into a folder that holds a run is refused: --resume continues that run, --overwrite deletes
-    what a run writes there (log, checkpoints, model; nothing else) and starts afresh."""
+    """A folder that holds a run takes only --resume (continue it) or --overwrite (delete what a run writes there)."""
     out = Path(cfg.out)
     if env.master:
         earlier = checkpoints(out) + [out / name for name in RUN_FILES if (out / name).exists()]
@@ -347,8 +345,7 @@ def prepare_out(cfg: Config, env: Env) -> Path:
 
 
 def audio_options(cfg: Config) -> tuple[int, bool]:
-    """--stack and --trim-audio. Stage 2 takes them from the model it starts from (--init, or the stage-1 artifact
-    given as --projector): its projector was trained on those positions. A flag that asks otherwise is refused."""
+    """--stack and --trim-audio: stage 2 keeps those its --init or --projector model was trained with."""
     source = cfg.init or cfg.projector
     saved = M.saved_audio_options(source) if source else None  # None: nothing recorded
     stack = cfg.stack if cfg.stack is not None else saved[0] if saved else 1
@@ -366,8 +363,7 @@ def trainable_encoder(model: M.LLaSO) -> list:  # --train-encoder
 
 
 def load_model(cfg: Config, stage: Stage, env: Env, projector: str = "") -> M.LLaSO:
-    """--init's model, or the parts with --projector's projector (else a fresh one), each part in fp32 where it
-    trains (master weights), else in the precision's frozen dtype."""
+    """--init's model, or the parts with --projector's projector (else a fresh one); fp32 where it trains."""
     dtypes = dict(encoder_dtype=torch.float32 if cfg.train_encoder else env.frozen_dtype,
                   llm_dtype=torch.float32 if stage.number == 2 else env.frozen_dtype)
     if cfg.init:
@@ -407,8 +403,7 @@ def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
 def load_corpus(cfg: Config, env: Env) -> D.Corpus:
     """Each index is built once where it is kept, the others waiting at two barriers: rank 0 opens the corpus first,
     then the first rank of each other node (finding rank 0's index on shared storage, else building its node's, e.g.
-    in a local --index-dir), then the rest. A file that is neither a JSON list nor JSONL ends the run with one line
-    naming file, record and byte."""
+    in a local --index-dir), then the rest. A malformed file ends the run in one line naming file, record, byte."""
     turn = 0 if env.master else 1 if env.local_rank == 0 else 2
     for _ in range(turn if env.distributed else 0):
         dist.barrier()
@@ -457,8 +452,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def micro_batches(stage: Stage, corpus, dataset, cfg: Config, plan: Plan, env: Env, first_step: int):
-    """This rank's micro-batches from optimizer step `first_step` on, for as many epochs as the run needs: step t
-    of the run is step t % steps_per_epoch of epoch t // steps_per_epoch, each epoch in its own order."""
+    """This rank's micro-batches from optimizer step `first_step` on, epoch after epoch, each in its own order."""
     for epoch in itertools.count(first_step // plan.steps_per_epoch):
         order = stage.order(corpus, cfg.seed, plan.global_batch, epoch)
         start = max(0, first_step - epoch * plan.steps_per_epoch)
@@ -660,9 +654,8 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
 
 
 class Tracker:
-    """--out/tracker.json holds the tracked run's id and the last step sent, so --resume continues the same run (same
-    wandb id, TensorBoard folder) with no step twice: TensorBoard replaces the steps after the checkpoint (purge_step),
-    as log.jsonl does; wandb cannot, so steps a resumed run repeats are not sent again (resume is exact)."""
+    """--out/tracker.json: the tracked run's id and last step sent, so --resume continues that run with no step twice:
+    TensorBoard replaces the steps after the checkpoint (purge_step), wandb cannot, so it skips steps already sent."""
 
     def __init__(self, kind: str, out: Path, config: dict, master: bool, step: int):
         self.kind, self.path = (kind if master else "none"), out / "tracker.json"
@@ -710,9 +703,8 @@ class Tracker:
 
 
 class RunLog:
-    """log.jsonl (one JSON line per optimizer step) and the progress bar, on rank 0. A resumed run keeps the lines up
-    to its checkpoint (and drops a last line torn by a kill mid-write), replacing the file in one rename: a crash
-    then leaves the old log whole."""
+    """log.jsonl (a JSON line per optimizer step) and the progress bar, on rank 0. On resume it keeps the lines up to
+    the checkpoint, less a last line torn by a kill, in one rename: a crash leaves the old log whole."""
 
     def __init__(self, out: Path, step: int, end: int, stage: int, master: bool, tracker: "Tracker"):
         self.path, self.master, self.tracker = out / "log.jsonl", master, tracker
