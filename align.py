@@ -60,8 +60,7 @@ ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "sample"
 
 # ----------------------------------------------------------------------------------------------------------
-# Config: the defaults are the paper's stage-1 recipe (global batch 2 x 32 x 8 GPUs = 512, lr 1e-3, warm-up
-# 0.15 %, cosine, one epoch, AdamW without weight decay). Every field with a help text is a command-line flag.
+# Config: the defaults are the paper's stage-1 recipe (warm-up 0.15 %, cosine, AdamW without weight decay)
 
 
 def knob(default, help: str, stage: int = 1, choices: tuple | None = None):
@@ -443,8 +442,7 @@ def warmup_steps(total: int, ratio: float) -> int:
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """LR of optimizer step `step` (0-based), the reference's HF cosine schedule: linear from 0 over `warmup` steps
-    (step 0 has LR 0 when there is warm-up), then half a cosine to 0."""
+    """LR of optimizer step `step` (0-based), the reference's HF cosine schedule: linear from 0, then half a cosine."""
     if step < warmup:
         return peak * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -550,9 +548,7 @@ def restore_optimizer(wrapped, optimizer, ckpt: Path, env: Env):
 def wrap(model: M.LLaSO, cfg: Config, env: Env):
     if cfg.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         # bf16: units gathered in bf16, gradients reduce-scattered in fp32 into the fp32 shards (master weights).
-        # The model is still on the CPU: fully_shard moves one unit at a time, so no GPU holds the whole LLM.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kwargs = {"mp_policy": mp} if env.precision == "bf16" else {}
         for layer in [*model.llm.model.layers, *(model.encoder.layers if cfg.train_encoder else [])]:
@@ -664,13 +660,11 @@ class Tracker:
         state = json.loads(self.path.read_text()) if self.path.exists() else {}
         if self.kind == "wandb":
             import wandb
-
             self.run_id, self.last = state.get("run_id") or os.urandom(4).hex(), state.get("last_step", 0)
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "llaso-mini"), id=self.run_id,
                                   resume="allow", dir=out, name=out.name, config=config)
         else:
             from torch.utils.tensorboard import SummaryWriter
-
             self.run_id, self.last = None, step
             self.run = SummaryWriter(out / "tensorboard", purge_step=step + 1 if step else None)
             if not step:
