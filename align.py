@@ -134,20 +134,14 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
     for f in fields(Config):
         if "help" not in f.metadata or f.metadata["stage"] > stage:
             continue
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:  # every bool is off by default
-            parser.add_argument(flag, action="store_true", default=None, help=help)
-        elif f.type is list:
-            parser.add_argument(flag, nargs="+", help=help)
-        else:
-            parser.add_argument(flag, type=f.type, help=help, choices=f.metadata["choices"])
+        kind = {bool: dict(action="store_true"), list: dict(nargs="+")}  # every bool is off by default
+        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=f.metadata["help"],
+                            **kind.get(f.type, dict(type=f.type, choices=f.metadata["choices"])))
     given = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
-    tiny = {}
-    if given.pop("preset") == "tiny":
-        tiny = dict(TINY[stage], audio_root=str(SAMPLE / "audio"))
-        if not (given.get("encoder") and given.get("llm")) and not given.get("init"):
-            models = M.preset("tiny")  # written once to $LLASO_CACHE
-            tiny.update(encoder=models.encoder, llm=models.llm)
+    tiny = dict(TINY[stage], audio_root=str(SAMPLE / "audio")) if given.pop("preset") == "tiny" else {}
+    if tiny and not (given.get("encoder") and given.get("llm")) and not given.get("init"):
+        models = M.preset("tiny")  # written once to $LLASO_CACHE
+        tiny.update(encoder=models.encoder, llm=models.llm)
     cfg = config_class(**{**tiny, **given})  # a flag wins over the preset
     if cfg.init and "encoder" not in given:
         cfg.encoder = ""  # the artifact's own encoder (LLaSO.load's choice)
