@@ -1,8 +1,6 @@
 """Stage 1 of LLaSO (alignment): train the projector on ASR, encoder and LLM frozen. Also the training loop of
 both stages: instruct.py (stage 2) imports it and passes in what differs.
 
-    config -> set-up -> --out -> data -> resume check -> model -> wrapping -> optimizer -> loop -> final artifact
-
 Tiny run on CPU (tiny random Whisper + Llama, the bundled sample corpus, a minute or two):
 
     python align.py --preset tiny                                   # one process
@@ -37,7 +35,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, astuple, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -82,8 +80,7 @@ class Config:
     init: str = knob("", "a stage-2 artifact or LLaSO-Base to fine-tune (instead of --llm and --projector)", stage=2)
     out: str = knob("out/align", "output directory: log.jsonl, checkpoints, the final model")
     overwrite: bool = knob(False, "delete the run already in --out (log, checkpoints, model) and start afresh")
-    resume: bool = knob(False, "continue the run in --out from its newest checkpoint (refused if a setting differs "
-                        "that changes the trajectory)")
+    resume: bool = knob(False, "continue --out's run from its newest checkpoint (its trajectory's settings must match)")
     batch_size: int = knob(2, "micro-batch per device")
     grad_accum: int = knob(32, "micro-batches per optimizer step on each device")
     lr: float = knob(1e-3, "peak learning rate")
@@ -575,9 +572,9 @@ class StepStats:
     def summed_over_ranks(self, env: Env) -> "StepStats":
         if not env.distributed:
             return self
-        values = torch.tensor([getattr(self, f.name) for f in fields(self)], dtype=torch.float64, device=env.device)
+        values = torch.tensor(astuple(self), dtype=torch.float64, device=env.device)
         dist.all_reduce(values)
-        return StepStats(*(type(getattr(self, f.name))(v) for f, v in zip(fields(self), values.tolist())))
+        return StepStats(*(type(mine)(v) for mine, v in zip(astuple(self), values.tolist())))
 
     def record(self, step: int, lr: float, norm: float | None, seconds: float, peak: float) -> dict:
         """The step's line in log.jsonl. A step without a usable record has no loss and is marked "skipped_step"."""
@@ -803,10 +800,9 @@ def save_final(cfg: Config, stage: Stage, model: M.LLaSO, env: Env):
 
 
 def report_skipped(skipped: list, env: Env):
-    everyone = [s for rank_skipped in gather(skipped, env) for s in rank_skipped]
+    skipped = [s for rank_skipped in gather(skipped, env) for s in rank_skipped]  # all ranks'
     if env.master:
-        print(f"skipped records: {len(everyone)}" + "".join(f"\n  {f} record {n}: {why}"
-                                                            for f, n, why in everyone[:50]))
+        print(f"skipped records: {len(skipped)}" + "".join(f"\n  {f} record {n}: {why}" for f, n, why in skipped[:50]))
 
 
 # ----------------------------------------------------------------------------------------------------------
