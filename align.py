@@ -101,15 +101,13 @@ class Config:
     index_dir: str = knob("", "corpus index folder (default: beside each corpus file if writable, else the cache)")
     fsdp: bool = knob(False, "shard the LLM per decoder layer with FSDP2 instead of plain DDP (stage 2, small GPUs)")
     peak_tflops: float = knob(0.0, "per-GPU peak bf16 TFLOP/s for the MFU column; 0 = guess from the GPU name")
-    precision: str = knob("", "bf16: frozen parts bf16, trained ones fp32, bf16 autocast; fp32: all fp32 (default: "
-                          "bf16 on CUDA, fp32 on CPU)", choices=("bf16", "fp32"))
+    precision: str = knob("", "bf16 (autocast, fp32 master weights; CUDA's default) or fp32", choices=("bf16", "fp32"))
     tf32: bool = knob(False, "TF32 for fp32 matmuls on CUDA, as the reference's train.py turns on (its scripts: off)")
     # fewer audio tokens and the unfrozen encoder: not LLaSO, off by default (README "Fewer audio tokens")
     stack: int = knob(None, "K encoder frames per LLM position (default: the --projector/--init model's, else 1)")
     trim_audio: bool = knob(False, "encode clips at their length, not padded to 30 s (stage 2: as its starting model)")
     train_encoder: bool = knob(False, "train Whisper's encoder too (fp32 master weights; saved as encoder/)", stage=2)
-    report_to: str = knob("none", "send each log.jsonl line and the config to wandb (WANDB_MODE=offline too) or "
-                          "TensorBoard (--out/tensorboard)", choices=["none", "wandb", "tensorboard"])
+    report_to: str = knob("none", "send log.jsonl lines and the config to", choices=["none", "wandb", "tensorboard"])
 
 
 # The tiny preset: models that fit a CPU, the sample corpus, a few minutes. A tiny random LLM learns nothing in minutes
@@ -201,9 +199,8 @@ def llm_positions(model: M.LLaSO, batch) -> list[int]:
 
 
 def batch_flops(model: M.LLaSO, batch, train_llm: bool) -> float:
-    """Model FLOPs of one micro-batch (README, MFU): 2 per multiply-add of every matmul (attention's QK^T and AV over
-    the whole T x T square, as PaLM counts them), no recompute, no padding. A part costs its forward F, + F for its
-    input's gradient when a part before it trains, + F for its weights' gradient when they train."""
+    """Model FLOPs of one micro-batch, as PaLM counts them (README, MFU): 2 per multiply-add, attention over all T x T;
+    a part costs its forward F, + F for its input's gradient when a part before it trains, + F for its weights'."""
     enc, llm = model.encoder.config, model.llm.config
     train_encoder = model.encoder.conv1.weight.requires_grad  # --train-encoder
 
@@ -282,8 +279,7 @@ def set_up(precision: str = "", tf32: bool = False) -> Env:
         raise SystemExit(f"{torch.cuda.get_device_name()} has no bf16: pass --precision fp32")
     env = Env(rank, local_rank, world, distributed="RANK" in os.environ,
               device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"), precision=precision)
-    # The reference's scripts pass --tf32 False (HF applies it to matmuls and cuDNN); its train.py then turns matmul
-    # TF32 back on, which --tf32 reproduces. Only CUDA reads these flags.
+    # The reference's --tf32 False turns off both (HF); its train.py turns matmul TF32 back on, as --tf32 (CUDA only)
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = False
     if cuda:
@@ -392,8 +388,7 @@ def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
 
 def load_corpus(cfg: Config, env: Env) -> D.Corpus:
     """Each index is built once where it is kept, the others waiting at two barriers: rank 0 opens the corpus first,
-    then the first rank of each other node (finding rank 0's index on shared storage, else building its node's, e.g.
-    in a local --index-dir), then the rest. A malformed file ends the run in one line naming file, record, byte."""
+    then each other node's first rank (rank 0's index if on shared storage, else it builds its own), then the rest."""
     turn = 0 if env.master else 1 if env.local_rank == 0 else 2
     for _ in range(turn if env.distributed else 0):
         dist.barrier()
