@@ -168,9 +168,8 @@ class Stage:
 
 def export_aligner(model: M.LLaSO, out: Path):
     """The reference's projector file: a torch.save'd dict of bf16 tensors under its LLaVA names."""
-    state = {f"model.mm_audio_aligner.projector.{k}": v.detach().to(torch.bfloat16).cpu()
-             for k, v in model.projector.state_dict().items()}
-    torch.save(state, out / "mm_audio_aligner.bin")
+    torch.save({f"model.mm_audio_aligner.projector.{k}": v.detach().to(torch.bfloat16).cpu()
+                for k, v in model.projector.state_dict().items()}, out / "mm_audio_aligner.bin")
 
 
 def save_stage1(model: M.LLaSO, out: Path):
@@ -199,13 +198,14 @@ def llm_positions(model: M.LLaSO, batch) -> list[int]:
 
 
 def batch_flops(model: M.LLaSO, batch, train_llm: bool) -> float:
-    """Model FLOPs of one micro-batch, as PaLM counts them (README, MFU): 2 per multiply-add, attention over all T x T;
-    a part costs its forward F, + F for its input's gradient when a part before it trains, + F for its weights'."""
+    """Model FLOPs of one micro-batch, as PaLM counts them (README, MFU): 2 per multiply-add, weights x positions
+    (attention: 2 x width a layer, for QK^T and AV, x all T x T pairs); a part costs its forward F, + F for its
+    input's gradient when a part before it trains, + F for its weights'."""
     enc, llm = model.encoder.config, model.llm.config
     train_encoder = model.encoder.conv1.weight.requires_grad  # --train-encoder
 
-    def cost(weights: int, positions: int, trains: bool, input_grad: bool) -> int:  # attention: QK^T and AV are
-        return 2 * weights * positions * (1 + trains + input_grad)  # 2 x width "weights" a layer, T x T positions
+    def cost(weights: int, positions: int, trains: bool, input_grad: bool) -> int:
+        return 2 * weights * positions * (1 + trains + input_grad)
 
     def linear(module: torch.nn.Module) -> int:  # each linear layer: one multiply-add per weight and position
         return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
@@ -316,8 +316,7 @@ def prepare_out(cfg: Config, env: Env) -> Path:
         if earlier and not cfg.resume:
             if not cfg.overwrite:
                 raise SystemExit(f"{out} holds an earlier run ({', '.join(p.name for p in earlier[:4])}): pass "
-                                 "--resume to continue it, --overwrite to delete it and start afresh, or choose "
-                                 "another --out")
+                                 "--resume to continue it, --overwrite to delete it and start anew, or another --out")
             for path in earlier:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
@@ -414,8 +413,7 @@ def plan_steps(cfg: Config, records: int, env: Env) -> Plan:
     global_batch = cfg.batch_size * cfg.grad_accum * env.world
     steps_per_epoch = records // global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"{records} records make no full global batch of {global_batch}: lower --batch-size "
-                         "or --grad-accum")
+        raise SystemExit(f"{records} records fill no global batch ({global_batch}): lower --batch-size or --grad-accum")
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     if total <= 0:
         raise SystemExit("the run has no steps: give --epochs or --max-steps a positive value")
@@ -732,8 +730,7 @@ def temporary_folder(out: Path, prefix: str, what: Path, intact: str):
 
 
 def trainable_weights(model: M.LLaSO, env: Env) -> dict:
-    """Collective: the trainable weights, whole, in rank 0's CPU memory ({} elsewhere); only these are gathered (stage
-    1: the 13M-parameter projector, not the frozen 7.7 GB around it). Under FSDP every rank gathers each shard."""
+    """Collective: only the trainable weights, whole, on rank 0's CPU ({} elsewhere); under FSDP every rank gathers."""
     weights = {}
     for name, p in model.named_parameters():  # a tied weight (the LM head) appears once
         if p.requires_grad:
@@ -794,12 +791,6 @@ def save_final(cfg: Config, stage: Stage, model: M.LLaSO, env: Env):
     print(f"wrote the stage-{stage.number} model to {out}")
 
 
-def report_skipped(skipped: list, env: Env):
-    skipped = [s for rank_skipped in gather(skipped, env) for s in rank_skipped]  # all ranks'
-    if env.master:
-        print(f"skipped records: {len(skipped)}" + "".join(f"\n  {f} record {n}: {why}" for f, n, why in skipped[:50]))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The training run (both stages)
 
@@ -851,7 +842,9 @@ def train(cfg: Config, stage: Stage):
 
     if step == plan.total:  # only when the schedule has run to its end
         save_final(cfg, stage, model, env)
-    report_skipped(skipped, env)
+    skipped = [s for rank_skipped in gather(skipped, env) for s in rank_skipped]  # all ranks'
+    if env.master:
+        print(f"skipped records: {len(skipped)}" + "".join(f"\n  {f} record {n}: {why}" for f, n, why in skipped[:50]))
     if env.distributed:
         # DDP's reducer holds the process group. Freed after destroy_process_group, it would tear the group down
         # holding the GIL, which gloo's threads may still need to free a finished collective's tensors: a deadlock.
