@@ -1,8 +1,6 @@
 """Stage 1 of LLaSO (alignment): train the projector on ASR, encoder and LLM frozen. Also the training loop of
 both stages: instruct.py (stage 2) imports it and passes in what differs.
 
-    config -> set-up -> --out -> data -> resume check -> model -> wrapping -> optimizer -> loop -> final artifact
-
 Tiny run on CPU (tiny random Whisper + Llama, the bundled sample corpus, a minute or two):
 
     python align.py --preset tiny                                   # one process
@@ -37,7 +35,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, astuple, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -60,8 +58,7 @@ ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "sample"
 
 # ----------------------------------------------------------------------------------------------------------
-# Config: the defaults are the paper's stage-1 recipe (global batch 2 x 32 x 8 GPUs = 512, lr 1e-3, warm-up
-# 0.15 %, cosine, one epoch, AdamW without weight decay). Every field with a help text is a command-line flag.
+# Config: the defaults are the paper's stage-1 recipe (warm-up 0.15 %, cosine, AdamW without weight decay)
 
 
 def knob(default, help: str, stage: int = 1, choices: tuple | None = None):
@@ -76,16 +73,14 @@ def knob(default, help: str, stage: int = 1, choices: tuple | None = None):
 class Config:
     data: list = knob([], "corpus JSON/JSONL files or folders (folders are searched recursively)")
     audio_root: str = knob("", "folder the records' audio paths are relative to")
-    encoder: str = knob(M.ModelConfig.encoder, "Whisper checkpoint, hub id or directory (default: the paper's "
-                        "Whisper-large-v3; with --init the artifact's own encoder)")
+    encoder: str = knob(M.ModelConfig.encoder, "Whisper checkpoint, hub id or directory (default: Whisper-large-v3; "
+                        "with --init the artifact's own)")
     llm: str = knob(M.ModelConfig.llm, "causal LM + tokenizer, hub id or directory (default: Llama-3.2-3B-Instruct)")
     projector: str = knob("", "stage-1 output directory or projector.safetensors to start the projector from", stage=2)
-    init: str = knob("", "fine-tune a whole model further: a stage-2 artifact or the released LLaSO-Base (instead "
-                     "of --llm and --projector; it keeps its own encoder unless --encoder is given)", stage=2)
+    init: str = knob("", "a stage-2 artifact or LLaSO-Base to fine-tune (instead of --llm and --projector)", stage=2)
     out: str = knob("out/align", "output directory: log.jsonl, checkpoints, the final model")
     overwrite: bool = knob(False, "delete the run already in --out (log, checkpoints, model) and start afresh")
-    resume: bool = knob(False, "continue the run in --out from its newest checkpoint (same batches, same losses); "
-                        "refused if a setting that changes the trajectory differs")
+    resume: bool = knob(False, "continue --out's run from its newest checkpoint (its trajectory's settings must match)")
     batch_size: int = knob(2, "micro-batch per device")
     grad_accum: int = knob(32, "micro-batches per optimizer step on each device")
     lr: float = knob(1e-3, "peak learning rate")
@@ -103,24 +98,16 @@ class Config:
     strict: bool = knob(False, "stop at the first unusable record instead of skipping and counting it")
     compat_chunks: bool = knob(False, "cut long audio as the reference: 480,001-sample slices, one lost per chunk")
     workers: int = knob(4, "DataLoader worker processes per device")
-    index_dir: str = knob("", "folder for the corpus indexes (default: beside each corpus file where writable, else "
-                          "the cache folder); for a corpus on read-only shared storage: each node's local disk")
+    index_dir: str = knob("", "corpus index folder (default: beside each corpus file if writable, else the cache)")
     fsdp: bool = knob(False, "shard the LLM per decoder layer with FSDP2 instead of plain DDP (stage 2, small GPUs)")
     peak_tflops: float = knob(0.0, "per-GPU peak bf16 TFLOP/s for the MFU column; 0 = guess from the GPU name")
-    precision: str = knob("", "bf16: frozen parts bf16, trainable weights and AdamW state fp32, bf16 autocast (--fsdp: "
-                          "bf16 gathers, fp32 reduction); fp32: all fp32 (default: bf16 on CUDA, fp32 on CPU)",
-                          choices=("bf16", "fp32"))
-    tf32: bool = knob(False, "TF32 for fp32 matmuls on CUDA (default off, as the reference's scripts state; its "
-                      "train.py turns matmul TF32 back on, which --tf32 reproduces)")
+    precision: str = knob("", "bf16 (autocast, fp32 master weights; CUDA's default) or fp32", choices=("bf16", "fp32"))
+    tf32: bool = knob(False, "TF32 for fp32 matmuls on CUDA, as the reference's train.py turns on (its scripts: off)")
     # fewer audio tokens and the unfrozen encoder: not LLaSO, off by default (README "Fewer audio tokens")
-    stack: int = knob(None, "concatenate K consecutive encoder frames per LLM position: 1500/K positions per 30 s "
-                      "chunk (default: the --projector/--init model's, else 1 = LLaSO)")
-    trim_audio: bool = knob(False, "encode each clip at its real length, not padded to 30 s (stage 2 takes it from "
-                            "its --projector/--init model)")
+    stack: int = knob(None, "K encoder frames per LLM position (default: the --projector/--init model's, else 1)")
+    trim_audio: bool = knob(False, "encode clips at their length, not padded to 30 s (stage 2: as its starting model)")
     train_encoder: bool = knob(False, "train Whisper's encoder too (fp32 master weights; saved as encoder/)", stage=2)
-    report_to: str = knob("none", "tracker rank 0 sends each log.jsonl line and the config to (wandb: also offline, "
-                          "with WANDB_MODE=offline; tensorboard: in --out/tensorboard)",
-                          choices=["none", "wandb", "tensorboard"])
+    report_to: str = knob("none", "send log.jsonl lines and the config to", choices=["none", "wandb", "tensorboard"])
 
 
 # The tiny preset: models that fit a CPU, the sample corpus, a few minutes. A tiny random LLM learns nothing in minutes
@@ -142,20 +129,14 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
     for f in fields(Config):
         if "help" not in f.metadata or f.metadata["stage"] > stage:
             continue
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:  # every bool is off by default
-            parser.add_argument(flag, action="store_true", default=None, help=help)
-        elif f.type is list:
-            parser.add_argument(flag, nargs="+", help=help)
-        else:
-            parser.add_argument(flag, type=f.type, help=help, choices=f.metadata["choices"])
+        kind = {bool: dict(action="store_true"), list: dict(nargs="+")}  # every bool is off by default
+        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=f.metadata["help"],
+                            **kind.get(f.type, dict(type=f.type, choices=f.metadata["choices"])))
     given = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
-    tiny = {}
-    if given.pop("preset") == "tiny":
-        tiny = dict(TINY[stage], audio_root=str(SAMPLE / "audio"))
-        if not (given.get("encoder") and given.get("llm")) and not given.get("init"):
-            models = M.preset("tiny")  # written once to $LLASO_CACHE
-            tiny.update(encoder=models.encoder, llm=models.llm)
+    tiny = dict(TINY[stage], audio_root=str(SAMPLE / "audio")) if given.pop("preset") == "tiny" else {}
+    if tiny and not (given.get("encoder") and given.get("llm")) and not given.get("init"):
+        models = M.preset("tiny")  # written once to $LLASO_CACHE
+        tiny.update(encoder=models.encoder, llm=models.llm)
     cfg = config_class(**{**tiny, **given})  # a flag wins over the preset
     if cfg.init and "encoder" not in given:
         cfg.encoder = ""  # the artifact's own encoder (LLaSO.load's choice)
@@ -163,7 +144,12 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
         parser.error("--data and --audio-root are required (or use --preset tiny)")
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out and --overwrite deletes it: give one of them")
-    check_tracker(cfg.report_to)  # before any model is loaded
+    if cfg.report_to != "none":  # a missing tracker package ends the run before any model is loaded
+        try:
+            importlib.import_module(cfg.report_to)  # the package is named as the tracker
+        except ImportError:
+            raise SystemExit(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install "
+                             f"{cfg.report_to} (or pip install -r requirements-extras.txt)") from None
     return cfg
 
 
@@ -182,9 +168,8 @@ class Stage:
 
 def export_aligner(model: M.LLaSO, out: Path):
     """The reference's projector file: a torch.save'd dict of bf16 tensors under its LLaVA names."""
-    state = {f"model.mm_audio_aligner.projector.{k}": v.detach().to(torch.bfloat16).cpu()
-             for k, v in model.projector.state_dict().items()}
-    torch.save(state, out / "mm_audio_aligner.bin")
+    torch.save({f"model.mm_audio_aligner.projector.{k}": v.detach().to(torch.bfloat16).cpu()
+                for k, v in model.projector.state_dict().items()}, out / "mm_audio_aligner.bin")
 
 
 def save_stage1(model: M.LLaSO, out: Path):
@@ -213,36 +198,34 @@ def llm_positions(model: M.LLaSO, batch) -> list[int]:
 
 
 def batch_flops(model: M.LLaSO, batch, train_llm: bool) -> float:
-    """Model FLOPs of one micro-batch: 2 per multiply-add of every matmul (weights x positions; attention's QK^T
-    and AV over the whole T x T square, as PaLM counts them), no activation recompute, no padding (README, MFU).
-    A part costs its forward F, + F for its input's gradient when a part before it trains, + F for its weights'
-    gradient when they train; attention's backward (dQ, dK, dV) costs 2F wherever a gradient passes."""
+    """Model FLOPs of one micro-batch, as PaLM counts them (README, MFU): 2 per multiply-add, weights x positions
+    (attention: 2 x width a layer, for QK^T and AV, x all T x T pairs); a part costs its forward F, + F for its
+    input's gradient when a part before it trains, + F for its weights'."""
     enc, llm = model.encoder.config, model.llm.config
     train_encoder = model.encoder.conv1.weight.requires_grad  # --train-encoder
 
-    def cost(forward: float, trains: bool, input_grad: bool) -> float:  # attention: trains = input_grad = gradient
-        return forward * (1 + trains + input_grad)
+    def cost(weights: int, positions: int, trains: bool, input_grad: bool) -> int:
+        return 2 * weights * positions * (1 + trains + input_grad)
 
-    def matmul_weights(module: torch.nn.Module) -> int:  # each linear layer: one multiply-add per weight and position
+    def linear(module: torch.nn.Module) -> int:  # each linear layer: one multiply-add per weight and position
         return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
     # log-mel frames and encoder positions per chunk (3000 and 1500, or a trimmed chunk's own)
     frames = model.real_frames(batch) or [M.MEL_FRAMES_PER_CHUNK] * len(batch["mels"])
     encoded = [(f + 1) // 2 for f in frames]  # conv2 has stride 2
-    encoder = (cost(2 * model.encoder.conv1.weight.numel() * sum(frames), train_encoder, False)
-               + cost(2 * model.encoder.conv2.weight.numel() * sum(encoded), train_encoder, train_encoder)
-               + cost(2 * matmul_weights(model.encoder.layers) * sum(encoded), train_encoder, train_encoder)
-               + cost(4 * enc.encoder_layers * enc.d_model * sum(t * t for t in encoded), train_encoder, train_encoder))
+    encoder = (cost(model.encoder.conv1.weight.numel(), sum(frames), train_encoder, False)
+               + cost(model.encoder.conv2.weight.numel(), sum(encoded), train_encoder, train_encoder)
+               + cost(linear(model.encoder.layers), sum(encoded), train_encoder, train_encoder)
+               + cost(2 * enc.encoder_layers * enc.d_model, sum(t * t for t in encoded), train_encoder, train_encoder))
     projected = sum(model.chunk_positions(batch))  # fewer with --stack / --trim-audio
-    first, second = model.projector[0].weight.numel(), model.projector[2].weight.numel()
-    projector = cost(2 * first * projected, True, train_encoder) + cost(2 * second * projected, True, True)
+    projector = (cost(model.projector[0].weight.numel(), projected, True, train_encoder)
+                 + cost(model.projector[2].weight.numel(), projected, True, True))
     lengths = llm_positions(model, batch)
     supervised = sum(int((labels != M.IGNORE).sum()) for labels in batch["labels"])  # the LM head's (LLaSO.forward)
-    attention_width = llm.num_attention_heads * (getattr(llm, "head_dim", None)
-                                                 or llm.hidden_size // llm.num_attention_heads)
-    decoder = (cost(2 * matmul_weights(model.llm.model.layers) * sum(lengths), train_llm, True)
-               + cost(4 * llm.num_hidden_layers * attention_width * sum(t * t for t in lengths), True, True)
-               + cost(2 * model.llm.get_output_embeddings().weight.numel() * supervised, train_llm, True))
+    width = llm.num_attention_heads * (getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads)
+    decoder = (cost(linear(model.llm.model.layers), sum(lengths), train_llm, True)
+               + cost(2 * llm.num_hidden_layers * width, sum(t * t for t in lengths), True, True)
+               + cost(model.llm.get_output_embeddings().weight.numel(), supervised, train_llm, True))
     return encoder + projector + decoder
 
 
@@ -296,8 +279,7 @@ def set_up(precision: str = "", tf32: bool = False) -> Env:
         raise SystemExit(f"{torch.cuda.get_device_name()} has no bf16: pass --precision fp32")
     env = Env(rank, local_rank, world, distributed="RANK" in os.environ,
               device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"), precision=precision)
-    # The reference's scripts pass --tf32 False (HF applies it to matmuls and cuDNN); its train.py then turns matmul
-    # TF32 back on, which --tf32 reproduces. Only CUDA reads these flags.
+    # The reference's --tf32 False turns off both (HF); its train.py turns matmul TF32 back on, as --tf32 (CUDA only)
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = False
     if cuda:
@@ -327,16 +309,14 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def prepare_out(cfg: Config, env: Env) -> Path:
-    """A fresh run into a folder that holds a run is refused: --resume continues that run, --overwrite deletes
-    what a run writes there (log, checkpoints, model; nothing else) and starts afresh."""
+    """A folder that holds a run takes only --resume (continue it) or --overwrite (delete what a run writes there)."""
     out = Path(cfg.out)
     if env.master:
         earlier = checkpoints(out) + [out / name for name in RUN_FILES if (out / name).exists()]
         if earlier and not cfg.resume:
             if not cfg.overwrite:
                 raise SystemExit(f"{out} holds an earlier run ({', '.join(p.name for p in earlier[:4])}): pass "
-                                 "--resume to continue it, --overwrite to delete it and start afresh, or choose "
-                                 "another --out")
+                                 "--resume to continue it, --overwrite to delete it and start anew, or another --out")
             for path in earlier:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
@@ -350,8 +330,7 @@ def prepare_out(cfg: Config, env: Env) -> Path:
 
 
 def audio_options(cfg: Config) -> tuple[int, bool]:
-    """--stack and --trim-audio. Stage 2 takes them from the model it starts from (--init, or the stage-1 artifact
-    given as --projector): its projector was trained on those positions. A flag that asks otherwise is refused."""
+    """--stack and --trim-audio: stage 2 keeps those its --init or --projector model was trained with."""
     source = cfg.init or cfg.projector
     saved = M.saved_audio_options(source) if source else None  # None: nothing recorded
     stack = cfg.stack if cfg.stack is not None else saved[0] if saved else 1
@@ -369,8 +348,7 @@ def trainable_encoder(model: M.LLaSO) -> list:  # --train-encoder
 
 
 def load_model(cfg: Config, stage: Stage, env: Env, projector: str = "") -> M.LLaSO:
-    """--init's model, or the parts with --projector's projector (else a fresh one), each part in fp32 where it
-    trains (master weights), else in the precision's frozen dtype."""
+    """--init's model, or the parts with --projector's projector (else a fresh one); fp32 where it trains."""
     dtypes = dict(encoder_dtype=torch.float32 if cfg.train_encoder else env.frozen_dtype,
                   llm_dtype=torch.float32 if stage.number == 2 else env.frozen_dtype)
     if cfg.init:
@@ -409,9 +387,7 @@ def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
 
 def load_corpus(cfg: Config, env: Env) -> D.Corpus:
     """Each index is built once where it is kept, the others waiting at two barriers: rank 0 opens the corpus first,
-    then the first rank of each other node (finding rank 0's index on shared storage, else building its node's, e.g.
-    in a local --index-dir), then the rest. A file that is neither a JSON list nor JSONL ends the run with one line
-    naming file, record and byte."""
+    then each other node's first rank (rank 0's index if on shared storage, else it builds its own), then the rest."""
     turn = 0 if env.master else 1 if env.local_rank == 0 else 2
     for _ in range(turn if env.distributed else 0):
         dist.barrier()
@@ -437,8 +413,7 @@ def plan_steps(cfg: Config, records: int, env: Env) -> Plan:
     global_batch = cfg.batch_size * cfg.grad_accum * env.world
     steps_per_epoch = records // global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"{records} records make no full global batch of {global_batch}: lower --batch-size "
-                         "or --grad-accum")
+        raise SystemExit(f"{records} records fill no global batch ({global_batch}): lower --batch-size or --grad-accum")
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     if total <= 0:
         raise SystemExit("the run has no steps: give --epochs or --max-steps a positive value")
@@ -451,8 +426,7 @@ def warmup_steps(total: int, ratio: float) -> int:
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """LR of optimizer step `step` (0-based), the reference's HF cosine schedule: linear from 0 over `warmup` steps
-    (step 0 has LR 0 when there is warm-up), then half a cosine to 0."""
+    """LR of optimizer step `step` (0-based), the reference's HF cosine schedule: linear from 0, then half a cosine."""
     if step < warmup:
         return peak * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -460,8 +434,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def micro_batches(stage: Stage, corpus, dataset, cfg: Config, plan: Plan, env: Env, first_step: int):
-    """This rank's micro-batches from optimizer step `first_step` on, for as many epochs as the run needs: step t
-    of the run is step t % steps_per_epoch of epoch t // steps_per_epoch, each epoch in its own order."""
+    """This rank's micro-batches from optimizer step `first_step` on, epoch after epoch, each in its own order."""
     for epoch in itertools.count(first_step // plan.steps_per_epoch):
         order = stage.order(corpus, cfg.seed, plan.global_batch, epoch)
         start = max(0, first_step - epoch * plan.steps_per_epoch)
@@ -559,9 +532,7 @@ def restore_optimizer(wrapped, optimizer, ckpt: Path, env: Env):
 def wrap(model: M.LLaSO, cfg: Config, env: Env):
     if cfg.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         # bf16: units gathered in bf16, gradients reduce-scattered in fp32 into the fp32 shards (master weights).
-        # The model is still on the CPU: fully_shard moves one unit at a time, so no GPU holds the whole LLM.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kwargs = {"mp_policy": mp} if env.precision == "bf16" else {}
         for layer in [*model.llm.model.layers, *(model.encoder.layers if cfg.train_encoder else [])]:
@@ -594,9 +565,9 @@ class StepStats:
     def summed_over_ranks(self, env: Env) -> "StepStats":
         if not env.distributed:
             return self
-        values = torch.tensor([getattr(self, f.name) for f in fields(self)], dtype=torch.float64, device=env.device)
+        values = torch.tensor(astuple(self), dtype=torch.float64, device=env.device)
         dist.all_reduce(values)
-        return StepStats(*(type(getattr(self, f.name))(v) for f, v in zip(fields(self), values.tolist())))
+        return StepStats(*(type(mine)(v) for mine, v in zip(astuple(self), values.tolist())))
 
     def record(self, step: int, lr: float, norm: float | None, seconds: float, peak: float) -> dict:
         """The step's line in log.jsonl. A step without a usable record has no loss and is marked "skipped_step"."""
@@ -662,21 +633,9 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
 # Log (log.jsonl, and with --report-to every line to wandb or TensorBoard), checkpoints, final artifact
 
 
-def check_tracker(kind: str):
-    """Before any model is loaded: a missing tracker package stops the run with the command that installs it."""
-    if kind == "none":
-        return
-    try:
-        importlib.import_module(kind)  # the package is named as the tracker
-    except ImportError:
-        raise SystemExit(f"--report-to {kind} needs the {kind} package: pip install {kind} (or pip install -r "
-                         "requirements-extras.txt)") from None
-
-
 class Tracker:
-    """--out/tracker.json holds the tracked run's id and the last step sent, so --resume continues the same run (same
-    wandb id, TensorBoard folder) with no step twice: TensorBoard replaces the steps after the checkpoint (purge_step),
-    as log.jsonl does; wandb cannot, so steps a resumed run repeats are not sent again (resume is exact)."""
+    """--out/tracker.json: the tracked run's id and last step sent, so --resume continues that run with no step twice:
+    TensorBoard replaces the steps after the checkpoint (purge_step), wandb cannot, so it skips steps already sent."""
 
     def __init__(self, kind: str, out: Path, config: dict, master: bool, step: int):
         self.kind, self.path = (kind if master else "none"), out / "tracker.json"
@@ -685,13 +644,11 @@ class Tracker:
         state = json.loads(self.path.read_text()) if self.path.exists() else {}
         if self.kind == "wandb":
             import wandb
-
             self.run_id, self.last = state.get("run_id") or os.urandom(4).hex(), state.get("last_step", 0)
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "llaso-mini"), id=self.run_id,
                                   resume="allow", dir=out, name=out.name, config=config)
         else:
             from torch.utils.tensorboard import SummaryWriter
-
             self.run_id, self.last = None, step
             self.run = SummaryWriter(out / "tensorboard", purge_step=step + 1 if step else None)
             if not step:
@@ -724,9 +681,8 @@ class Tracker:
 
 
 class RunLog:
-    """log.jsonl (one JSON line per optimizer step) and the progress bar, on rank 0. A resumed run keeps the lines up
-    to its checkpoint (and drops a last line torn by a kill mid-write), replacing the file in one rename: a crash
-    then leaves the old log whole."""
+    """log.jsonl (a JSON line per optimizer step) and the progress bar, on rank 0. On resume it keeps the lines up to
+    the checkpoint, less a last line torn by a kill, in one rename: a crash leaves the old log whole."""
 
     def __init__(self, out: Path, step: int, end: int, stage: int, master: bool, tracker: "Tracker"):
         self.path, self.master, self.tracker = out / "log.jsonl", master, tracker
@@ -774,8 +730,7 @@ def temporary_folder(out: Path, prefix: str, what: Path, intact: str):
 
 
 def trainable_weights(model: M.LLaSO, env: Env) -> dict:
-    """Collective: the trainable weights, whole, in rank 0's CPU memory ({} elsewhere); only these are gathered (stage
-    1: the 13M-parameter projector, not the frozen 7.7 GB around it). Under FSDP every rank gathers each shard."""
+    """Collective: only the trainable weights, whole, on rank 0's CPU ({} elsewhere); under FSDP every rank gathers."""
     weights = {}
     for name, p in model.named_parameters():  # a tied weight (the LM head) appears once
         if p.requires_grad:
@@ -836,13 +791,6 @@ def save_final(cfg: Config, stage: Stage, model: M.LLaSO, env: Env):
     print(f"wrote the stage-{stage.number} model to {out}")
 
 
-def report_skipped(skipped: list, env: Env):
-    everyone = [s for rank_skipped in gather(skipped, env) for s in rank_skipped]
-    if env.master:
-        print(f"skipped records: {len(everyone)}" + "".join(f"\n  {f} record {n}: {why}"
-                                                            for f, n, why in everyone[:50]))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The training run (both stages)
 
@@ -894,7 +842,9 @@ def train(cfg: Config, stage: Stage):
 
     if step == plan.total:  # only when the schedule has run to its end
         save_final(cfg, stage, model, env)
-    report_skipped(skipped, env)
+    skipped = [s for rank_skipped in gather(skipped, env) for s in rank_skipped]  # all ranks'
+    if env.master:
+        print(f"skipped records: {len(skipped)}" + "".join(f"\n  {f} record {n}: {why}" for f, n, why in skipped[:50]))
     if env.distributed:
         # DDP's reducer holds the process group. Freed after destroy_process_group, it would tear the group down
         # holding the GIL, which gloo's threads may still need to free a finished collective's tensors: a deadlock.
