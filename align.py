@@ -57,9 +57,8 @@ import model as M
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "sample"
 
-# ----------------------------------------------------------------------------------------------------------
-# Config: the defaults are the paper's stage-1 recipe (warm-up 0.15 %, cosine, AdamW without weight decay)
 
+# ----- Config: the defaults are the paper's stage-1 recipe (warm-up 0.15 %, cosine, AdamW without weight decay) -----
 
 def knob(default, help: str, stage: int = 1, choices: tuple | None = None):
     """A Config field that is a command-line flag: default and help in one place (stage=2: instruct.py only)."""
@@ -135,7 +134,7 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
     given = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
     tiny = dict(TINY[stage], audio_root=str(SAMPLE / "audio")) if given.pop("preset") == "tiny" else {}
     if tiny and not (given.get("encoder") and given.get("llm")) and not given.get("init"):
-        models = M.preset("tiny")  # written once to $LLASO_CACHE
+        models = M.preset("tiny")  # committed in sample/models/tiny
         tiny.update(encoder=models.encoder, llm=models.llm)
     cfg = config_class(**{**tiny, **given})  # a flag wins over the preset
     if cfg.init and "encoder" not in given:
@@ -153,9 +152,7 @@ def parse_config(argv, stage: int, config_class=Config, doc: str = __doc__) -> C
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------------------
-# What the two stages do differently; the loop below is shared
-
+# ----- What the two stages do differently; the loop below is shared -------------------------------------------------
 
 @dataclass
 class Stage:
@@ -182,9 +179,7 @@ STAGE1 = Stage(number=1, trainable=lambda model: [model.projector], checkpointin
                order=lambda corpus, seed, global_batch, epoch: D.shuffled_order(len(corpus), seed, epoch))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Throughput accounting
-
+# ----- Throughput accounting ----------------------------------------------------------------------------------------
 
 def llm_positions(model: M.LLaSO, batch) -> list[int]:
     """Each record's sequence length in the LLM: text ids plus its audio chunks' positions (1500 a chunk in LLaSO)."""
@@ -247,9 +242,7 @@ def peak_flops(cfg: Config) -> float:
     return (cfg.peak_tflops or gpu_peak_tflops(torch.cuda.get_device_name())) * 1e12
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Set-up: torchrun's environment variables, or one plain process
-
+# ----- Set-up: torchrun's environment variables, or one plain process -----------------------------------------------
 
 @dataclass
 class Env:
@@ -297,8 +290,7 @@ def gather(obj, env: Env) -> list:
     return objs
 
 
-# ----------------------------------------------------------------------------------------------------------
-# --out: one run per folder
+# ----- --out: one run per folder ------------------------------------------------------------------------------------
 
 RUN_FILES = ["log.jsonl", "llaso_config.json", "projector.safetensors", "mm_audio_aligner.bin", "llm", "encoder",
              "tracker.json", "tensorboard", "wandb"]
@@ -325,9 +317,7 @@ def prepare_out(cfg: Config, env: Env) -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Model: frozen parts in bf16 on GPU, trainable ones in fp32 (master weights; autocast computes in bf16)
-
+# ----- Model: frozen parts in bf16 on GPU, trainable ones in fp32 (master weights; autocast computes in bf16) -------
 
 def audio_options(cfg: Config) -> tuple[int, bool]:
     """--stack and --trim-audio: stage 2 keeps those its --init or --projector model was trained with."""
@@ -381,9 +371,7 @@ def build_model(cfg: Config, stage: Stage, env: Env) -> M.LLaSO:
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data: the corpus index, the run's length in steps and its LR schedule, the micro-batches of each step
-
+# ----- Data: the corpus index, the run's length in steps and its LR schedule, the micro-batches of each step --------
 
 def load_corpus(cfg: Config, env: Env) -> D.Corpus:
     """Each index is built once where it is kept, the others waiting at two barriers: rank 0 opens the corpus first,
@@ -450,8 +438,7 @@ def stand_in_batch(model: M.LLaSO) -> dict:
             "audio_frames": torch.tensor([3000])}  # for --trim-audio
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Resume: a checkpoint continues only the run that wrote it (weights before wrapping, optimizer state after)
+# ----- Resume: a checkpoint continues only the run that wrote it (weights before wrapping, optimizer after) ---------
 
 # Settings a resumed run may change, as none moves the trajectory; every other Config field and run_settings fact must
 # match. grad_accum may trade against the number of ranks (the same micro-batches): not global_batch, batch_size.
@@ -525,9 +512,7 @@ def restore_optimizer(wrapped, optimizer, ckpt: Path, env: Env):
         full_state_dict=True, broadcast_from_rank0=env.distributed))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Wrapping: plain DDP (all weights on every GPU), or FSDP2 sharding of every LLM decoder layer + the rest
-
+# ----- Wrapping: plain DDP (all weights on every GPU), or FSDP2 sharding of every LLM decoder layer + the rest ------
 
 def wrap(model: M.LLaSO, cfg: Config, env: Env):
     if cfg.fsdp:
@@ -548,9 +533,7 @@ def wrap(model: M.LLaSO, cfg: Config, env: Env):
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One optimizer step
-
+# ----- One optimizer step -------------------------------------------------------------------------------------------
 
 @dataclass
 class StepStats:
@@ -629,9 +612,7 @@ def train_step(wrapped, model, optimizer, params, batches, lr: float, skipped: l
     return stats, norm.item()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Log (log.jsonl, and with --report-to every line to wandb or TensorBoard), checkpoints, final artifact
-
+# ----- Log (log.jsonl, and with --report-to every line to wandb or TensorBoard), checkpoints, final artifact --------
 
 class Tracker:
     """--out/tracker.json: the tracked run's id and last step sent, so --resume continues that run with no step twice:
@@ -791,9 +772,7 @@ def save_final(cfg: Config, stage: Stage, model: M.LLaSO, env: Env):
     print(f"wrote the stage-{stage.number} model to {out}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The training run (both stages)
-
+# ----- The training run (both stages) -------------------------------------------------------------------------------
 
 def train(cfg: Config, stage: Stage):
     env = set_up(cfg.precision, cfg.tf32)

@@ -155,7 +155,7 @@ def bench_loader(args):
 
     config = model.preset("tiny")
     _, tokenizer = model.load_llm(config.llm)
-    features = data.load_feature_extractor(config.encoder)
+    features = model.WhisperFeatureExtractor.from_pretrained(config.encoder)
     corpus = data.Corpus(SAMPLE / "LLaSO-Instruct" / "merged" / "stage2_train.json", cache_dir=args.workdir)
     dataset = data.LLaSODataset(corpus, tokenizer, features, SAMPLE / "audio")
     micro_batch = 4
@@ -281,7 +281,8 @@ def bench_tokens(args):
     corpus = data.Corpus(SAMPLE / "LLaSO-Instruct" / "merged" / "stage2_train.json", cache_dir=args.workdir)
     torch.manual_seed(0)
     tokenizer = model.load_llm(config.llm)[1]
-    dataset = data.LLaSODataset(corpus, tokenizer, data.load_feature_extractor(config.encoder), SAMPLE / "audio")
+    features = model.WhisperFeatureExtractor.from_pretrained(config.encoder)
+    dataset = data.LLaSODataset(corpus, tokenizer, features, SAMPLE / "audio")
     records = [data.collate([dataset[i]]) for i in range(len(corpus))]  # micro-batch 1, as stage 2
     timed = records[:: max(1, len(records) // args.token_steps)][: args.token_steps]
     rows, steps = [], {name: [] for name, _, _ in TOKEN_VARIANTS}

@@ -40,7 +40,8 @@ AUDIO = "<audio>"  # placeholder in human turns (same string as model.AUDIO)
 CONFIGS = ("(t,a)", "(a,t)", "(a)")
 FOLDER_CONFIG = {"text_audio": 0, "audio_text": 1, "pure_audio": 2}
 
-# ---------------------------------------------------------------------------------------------------- record index
+
+# ----- record index -------------------------------------------------------------------------------------------------
 
 INDEX_VERSION = 1
 INDEX_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u8"), ("chars", "<u4"), ("config", "i1")])
@@ -316,7 +317,7 @@ class Corpus:
         return np.concatenate([ix["config"] for ix in self.indexes])
 
 
-# ---------------------------------------------------------------------------------------------------- record checks
+# ----- record checks ------------------------------------------------------------------------------------------------
 
 def parse_record(raw: bytes) -> dict:
     try:
@@ -355,7 +356,7 @@ def voice_paths(record, human: str) -> list[str]:
     return voice
 
 
-# ---------------------------------------------------------------------------------------------------- audio
+# ----- audio --------------------------------------------------------------------------------------------------------
 
 SAMPLE_RATE = 16_000
 CHUNK = 30 * SAMPLE_RATE  # 480,000 samples: one Whisper window
@@ -408,15 +409,7 @@ def split_chunks(x: np.ndarray, compat: bool = False, max_chunks: int = MAX_CHUN
     return chunks[:max_chunks], max(0, len(chunks) - max_chunks)
 
 
-# ---------------------------------------------------------------------------------------------------- features
-
-def load_feature_extractor(encoder_dir=None):
-    """Whisper's log-mel front end: from the encoder checkpoint if it has one, else large-v3 settings (128 mels)."""
-    from transformers import WhisperFeatureExtractor
-    if encoder_dir is not None and (Path(encoder_dir) / "preprocessor_config.json").is_file():
-        return WhisperFeatureExtractor.from_pretrained(encoder_dir)
-    return WhisperFeatureExtractor(feature_size=128)
-
+# ----- features -----------------------------------------------------------------------------------------------------
 
 def log_mel(chunks: list, feature_extractor) -> np.ndarray:
     """[n_chunks, n_mels, 3000]: each chunk zero-padded (or cut) to 30 s before the STFT, as the reference."""
@@ -441,7 +434,7 @@ def audio_features(paths, feature_extractor, audio_root="", compat: bool = False
     return mels, audio_chunks, frames, cut
 
 
-# ---------------------------------------------------------------------------------------------------- dataset + batch
+# ----- dataset + batch ----------------------------------------------------------------------------------------------
 
 class LLaSODataset:
     """Map-style dataset: record i → token ids, labels, log-mels of its audio. An unusable record comes back with
@@ -519,7 +512,7 @@ def make_loader(dataset: LLaSODataset, batches, num_workers: int = 4):
                                        pin_memory=torch.cuda.is_available())
 
 
-# ---------------------------------------------------------------------------------------------------- samplers
+# ----- samplers -----------------------------------------------------------------------------------------------------
 #
 # An epoch's order is a pure function of (seed, epoch) — numpy's Generator seeded with [seed, epoch]. Global batch t
 # (one optimizer step) = order[t*G : (t+1)*G] with G = micro_batch × world_size × grad_accum, whatever the number of
@@ -578,7 +571,7 @@ class StepSampler:
         return (self.steps - self.start_step) * self.grad_accum
 
 
-# ---------------------------------------------------------------------------------------------------- preflight CLI
+# ----- preflight CLI ------------------------------------------------------------------------------------------------
 
 def check_audio(path: Path, decode: bool = False) -> None:
     """RecordError if the audio file is missing, unreadable or empty by its header; decode=True decodes it in full,

@@ -40,8 +40,8 @@ import jiwer
 SAMPLE = Path(__file__).resolve().parent / "sample"  # bundled sample corpus (--preset tiny)
 AUDIO = "<audio>"  # same placeholder as model.AUDIO; not imported, so scoring needs neither torch nor transformers
 
-# ---------------------------------------------------------------------------------------------------------------------
-# task catalogue of LLaSO-Eval's 44 files: file stem without "_test" -> (task, category, kind)
+
+# ----- task catalogue of LLaSO-Eval's 44 files: file stem without "_test" -> (task, category, kind) -----------------
 
 LING, SEM, SPK, MUS = "linguistic", "semantic", "paralinguistic (speaker)", "paralinguistic (music)"
 QA_SOURCES = ("alpacaDan", "dolly", "orca", "tigerbot_alpaca", "tigerbot_multichat", "unnatural")
@@ -106,8 +106,7 @@ def modality(stem, humans):
     return "(a,t)" if audio_first > len(humans) / 2 else "(t,a)"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# prediction files
+# ----- prediction files ---------------------------------------------------------------------------------------------
 
 PREDICTION_KEYS = ("answer", "prediction", "result")  # LLaSO / SALMONN, LLaMA-Omni / GLM-4-Voice, Mini-Omni, Typhoon
 PREDICTION_SUFFIXES = (".json", ".jsonl")
@@ -208,8 +207,7 @@ def not_text(value):
     return f"{JSON_TYPES.get(type(value), type(value).__name__)}, not a string"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# WER / CER (ASR)
+# ----- WER / CER (ASR) ----------------------------------------------------------------------------------------------
 
 RAW_WORDS = jiwer.Compose([jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfWords()])
 RAW_CHARS = jiwer.Compose([jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfChars()])
@@ -243,8 +241,7 @@ def wer_cer(golds, preds, compat):
     return result
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# PER (phoneme recognition; golds are IPA)
+# ----- PER (phoneme recognition; golds are IPA) ---------------------------------------------------------------------
 
 # Reference: letters go through a TIMIT 61->39 index table that, for ASCII letters, merges {A,D} {C,F,G} {H,W} {K,N,V}
 TIMIT_LETTER = {"D": "A", "F": "C", "G": "C", "W": "H", "N": "K", "V": "K"}
@@ -286,8 +283,7 @@ def phone_error_rate(golds, preds, compat):
     return {"per": error_rate(out), "empty_predictions": sum(not h for h in hyps)}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# closed-set accuracy and abstention
+# ----- closed-set accuracy and abstention ---------------------------------------------------------------------------
 
 def label_norm(text):
     return text.strip().lower().rstrip(". ").strip()
@@ -330,8 +326,7 @@ def abstention(golds, preds, compat):
     return {"abstention_pct": round(rate, 4) if compat == "llaso" else rate}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# MAE (age prediction, pitch)
+# ----- MAE (age prediction, pitch) ----------------------------------------------------------------------------------
 
 def first_or_range(numbers, text):
     """Reference rule: "20-30" -> mean of the first two numbers, otherwise the first number."""
@@ -388,8 +383,7 @@ def mae(golds, preds, compat, kind):
             "unparseable_golds": unparsed_gold, "out_of_range": out_of_range}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# pronunciation scoring: regex agreement of the three sentence-level scores
+# ----- pronunciation scoring: regex agreement of the three sentence-level scores ------------------------------------
 
 PRON_NAMES = {"accuracy": "accuracy", "proso": "prosodic", "fluency": "fluency"}
 PRON_NAMED_FIRST = re.compile(r"(accuracy|proso|fluency).*?(?:is|:|=|as).*?(\d+)")
@@ -412,8 +406,7 @@ def pron_agreement(golds, preds):
     return {"pron_agreement": {**agreement, "matched_entries": len(pairs), "total_entries": len(golds)}}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# LLM judge: verdicts in gpt_result/<stem>.jsonl, one line {file, index, predicted, reference, evaluation}
+# ----- LLM judge: verdicts in gpt_result/<stem>.jsonl, one line {file, index, predicted, reference, evaluation} -----
 
 JUDGE_SYSTEM = (
     "You are evaluating the performance of an AI assistant in an audio question answering task.\n"
@@ -538,8 +531,7 @@ def judge_file(results_dir, path, rows, url, key, model, temperature):
     print(f"judge {path.stem}: {len(todo) - failed} new verdicts, {failed} failed, {unparsed} without a score")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# scoring a directory
+# ----- scoring a directory ------------------------------------------------------------------------------------------
 
 def score_file(results_dir, stem, rows, compat):
     task, category, kind = task_of(stem, rows)
@@ -644,8 +636,7 @@ def score_directory(results_dir, compat=None, judge=None):
             "modalities": group_table(files, "modality", keys), "notes": notes, "skipped": skipped}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# normalised score across models and output files
+# ----- normalised score across models and output files --------------------------------------------------------------
 
 def normalized_scores(scores_by_model):
     """llaso-mini's recipe (the paper's formula is not public): each test file's primary metric, min-max normalised
@@ -741,8 +732,7 @@ def score_directories(dirs, compat=None, normalized=False, judge=None):
     return all_scores
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# pictures: a radar of every model over the task axes, and one bar panel per metric family (matplotlib, --plot only)
+# ----- pictures: a radar of every model over the tasks, a bar panel per metric family (--plot only) -----------------
 
 # Each radar axis shows the task's primary metric on a 0..1 scale where outward is better; the legend says how.
 TO_UNIT = {"accuracy": ("acc", "accuracy", lambda x: x), "wer": ("WER", "1 − WER", lambda x: 1 - min(x, 1.0)),
@@ -825,8 +815,7 @@ def plot_scores(all_scores, path):
     return fig
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# generation: every record of every test file -> <stem>_test.json with "answer" (torch/transformers imported here only)
+# ----- generation: every record of every test file -> <stem>_test.json with "answer" (imports torch) ----------------
 
 PARTIAL = ".partial"  # RESULTS_DIR/.partial/<stem>.rank<r>.jsonl: {"i": record number, "answer": ...} per line
 
@@ -1044,8 +1033,7 @@ def generate_files(ckpt, data, audio_root, out, encoder=None, batch_size=16, max
     return complete, len(files), errors
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# single-record inference
+# ----- single-record inference --------------------------------------------------------------------------------------
 
 def human_turn(prompt, n_audio):
     """The human turn of a one-off question. A prompt without <audio> gets it appended: instruction first, (t,a)."""
@@ -1078,8 +1066,7 @@ def answer_one(model, prompt=None, audio=(), max_new_tokens=256):
         return model.generate(batch, max_new_tokens)[0]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# command line
+# ----- command line -------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

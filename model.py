@@ -27,8 +27,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Llama
                           WhisperConfig, WhisperFeatureExtractor)
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-# ----------------------------------------------------------------------------------------------------------
-# Prompt format (template llama32_audio_v1_mmtag of the reference, byte-exact)
+
+# ----- Prompt format (template llama32_audio_v1_mmtag of the reference, byte-exact) ---------------------------------
 
 # The missing space in "language.The" is in the reference and in the released model's training data.
 SYSTEM_PROMPT = (
@@ -88,9 +88,7 @@ def tokenize(tokenizer, human: str, answer: str | None = None, max_len: int = 20
     return ids[:max_len], labels[:max_len]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loading weights from a transformers checkpoint (a hub id or a local directory)
-
+# ----- Loading weights from a transformers checkpoint (a hub id or a local directory) -------------------------------
 
 # The weights transformers' from_pretrained reads: one file, or shards named by the index. Other *.safetensors are
 # variants (openai/whisper-large-v3 also ships fp32 shards, 6 GB, beside its fp16 model.safetensors): never fetched.
@@ -129,9 +127,7 @@ def load_prefixed(module: nn.Module, folder: Path, prefix: str, dtype=None):
     return module
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Encoder: Whisper's encoder only, frozen, no autograd (instruct.py --train-encoder trains it: not LLaSO)
-
+# ----- Encoder: Whisper's encoder only, frozen, no autograd (instruct.py --train-encoder trains it: not LLaSO) ------
 
 def load_encoder(name_or_dir: str, dtype=torch.float32, weights_from: tuple[Path, str] | None = None):
     """The encoder half of a Whisper checkpoint (the decoder is never loaded) and its feature extractor;
@@ -182,18 +178,14 @@ def stack_frames(hidden: torch.Tensor, k: int) -> torch.Tensor:
     return F.pad(hidden, (0, 0, 0, -hidden.shape[1] % k)).reshape(len(hidden), -1, k * hidden.shape[2])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Projector: mlp2x_gelu, frame-wise, PyTorch default init (it is created after the LLM, so no HF init)
-
+# ----- Projector: mlp2x_gelu, frame-wise, PyTorch default init (it is created after the LLM, so no HF init) ---------
 
 def make_projector(d_encoder: int, d_llm: int, stack: int = 1) -> nn.Sequential:
     """stack > 1 (not LLaSO): each position is `stack` encoder frames side by side, so the input is stack x wider."""
     return nn.Sequential(nn.Linear(d_encoder * stack, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# LLM and tokenizer, with the five special tokens of LLaSO
-
+# ----- LLM and tokenizer, with the five special tokens of LLaSO -----------------------------------------------------
 
 def add_audio_tokens(llm, tokenizer):
     """Add NEW_TOKENS (pad = <unk>) and give each new embedding row the mean of the original rows."""
@@ -215,9 +207,7 @@ def load_llm(name_or_dir: str, dtype=torch.float32):
     return llm, tokenizer
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The model
-
+# ----- The model ----------------------------------------------------------------------------------------------------
 
 def left_padded(caches: list[torch.Tensor]) -> torch.Tensor:
     """One layer's keys (or values) of each prompt, [heads, n_i, d] -> [rows, heads, max n_i, d], zeros on the left."""
@@ -439,8 +429,7 @@ def saved_audio_options(path: str | Path) -> tuple[int, bool] | None:
     return saved.get("stack", ModelConfig.stack), saved.get("trim_audio", ModelConfig.trim_audio)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The released LLaSO-Base-3.8B-Instruct: the reference's LLaVA-style checkpoint, loaded directly
+# ----- The released LLaSO-Base-3.8B-Instruct: the reference's LLaVA-style checkpoint, loaded directly ---------------
 
 LLAVA_PROJECTOR = "model.mm_audio_aligner.projector."
 LLAVA_AUDIO_TOWER = "model.audio_tower."
@@ -499,8 +488,7 @@ def load_llava(folder: Path, encoder: str | None, encoder_dtype, llm_dtype) -> L
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Presets: the paper's models; a tiny random pair (committed); the paper's architectures with random weights
+# ----- Presets: the paper's models; a tiny random pair (committed); random weights in the paper's shapes ------------
 # (llaso-random, for benchmarks). sample/make_models.py makes the random ones, apart from the model's code.
 
 TINY = Path(__file__).resolve().parent / "sample" / "models" / "tiny"

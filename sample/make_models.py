@@ -82,7 +82,6 @@ def build_random(folder: Path) -> Path:
     return write_once(folder, write, "seed 0")
 
 
-
 # A few hundred words of the prompt format and typical instructions train the tiny tokenizer's merges.
 TINY_TEXT = [
     M.SYSTEM_PROMPT,

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from test_llava import reference_layout, write_checkpoint
 from test_model import RECORDS, make_batch, sharpen
 from test_train import ALIGN, STAGE1_ARGS, flags, log, losses, torchrun, write_corpus
+from transformers import WhisperFeatureExtractor
 
 import align
 import data as D
@@ -126,7 +127,7 @@ def test_stacking_puts_k_consecutive_frames_side_by_side():
 
 
 def test_real_frames_come_with_every_batch(tmp_path, tiny_config):
-    features = D.load_feature_extractor(tiny_config.encoder)
+    features = WhisperFeatureExtractor.from_pretrained(tiny_config.encoder)
     x = np.random.default_rng(0).standard_normal(480_000 + 1_000).astype(np.float32) * 0.1
     sf.write(tmp_path / "long.wav", x, 16_000)
     clip = sorted((SAMPLE / "audio").rglob("*.wav"))[0]
