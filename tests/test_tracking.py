@@ -9,15 +9,14 @@ import sys
 
 import pytest
 from conftest import ROOT
-from test_train import ALIGN, flags, log, write_corpus
+from test_train import ALIGN, flags, log, small_run, write_corpus
 
 import align
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: see conftest.one_thread
 
 # 6 records, global batch 2: 3 steps per epoch, 2 epochs = 6 steps; a checkpoint every 2
-ARGS = ["--batch-size", 1, "--grad-accum", 2, "--epochs", 2, "--save-every", 2, "--keep", 5, "--lr", 1e-2,
-        "--warmup-ratio", 0]
+ARGS = small_run(epochs=2, save_every=2)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,12 @@ ALIGN = json.loads((SAMPLE / "LLaSO-Align/text_audio/ASR_stage1_train.json").rea
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: see conftest.one_thread
 
 
+def small_run(epochs, save_every):
+    """Flags of a short run: micro-batch 1 x accumulation 2 (global batch 2), lr 1e-2, no warm-up, keep 5."""
+    return ["--batch-size", 1, "--grad-accum", 2, "--epochs", epochs, "--save-every", save_every, "--keep", 5,
+            "--lr", 1e-2, "--warmup-ratio", 0]
+
+
 def write_corpus(folder, records):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.json").write_text(json.dumps(records, indent=2))

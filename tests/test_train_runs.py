@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, SAMPLE
 from safetensors.torch import load_file
-from test_train import ALIGN, flags, log, losses, torchrun, write_corpus
+from test_train import ALIGN, flags, log, losses, small_run, torchrun, write_corpus
 
 import align
 import data as D
@@ -24,8 +24,7 @@ import model as M
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: see conftest.one_thread
 
 # 4 records, global batch 2 (micro-batch 1 x accumulation 2): 2 steps per epoch
-ARGS = ["--batch-size", 1, "--grad-accum", 2, "--epochs", 1, "--save-every", 1, "--keep", 5, "--lr", 1e-2,
-        "--warmup-ratio", 0]
+ARGS = small_run(epochs=1, save_every=1)
 
 
 @pytest.fixture(scope="module")
