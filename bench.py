@@ -253,10 +253,9 @@ def real_model_on_meta(stack: int, trim: bool, tokenizer):
 
     import model
 
-    whisper = WhisperConfig(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
-                            encoder_ffn_dim=5120, max_source_positions=1500)
-    llama = LlamaConfig(vocab_size=128_256 + 5, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                        num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True)
+    shapes = model.make_models()  # the real architectures, as the llaso-random preset writes them
+    whisper = WhisperConfig(**shapes.WHISPER_LARGE_V3)
+    llama = LlamaConfig(**{**shapes.LLAMA_32_3B_INSTRUCT, "vocab_size": 128_256 + 5})
     with torch.device("meta"):
         encoder, llm = model.WhisperEncoder(whisper).requires_grad_(False), LlamaForCausalLM(llama)
         projector = model.make_projector(1280, 3072, stack)

@@ -11,6 +11,7 @@ position (1500/K per chunk), and encoding only a clip's real length instead of 3
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 from dataclasses import asdict, dataclass
@@ -494,8 +495,9 @@ def load_llava(folder: Path, encoder: str | None, encoder_dtype, llm_dtype) -> L
 TINY = Path(__file__).resolve().parent / "sample" / "models" / "tiny"
 
 
+@functools.cache
 def make_models():
-    """sample/make_models.py, loaded by its path (the sample folder is not a package)."""
+    """sample/make_models.py, loaded (once) by its path: the sample folder is not a package."""
     spec = importlib.util.spec_from_file_location("make_models", TINY.parents[1] / "make_models.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

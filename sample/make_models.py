@@ -26,7 +26,6 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
 
-TINY = Path(__file__).resolve().parent / "models" / "tiny"
 RANDOM_VERSION = 1  # bump when build_random changes: a stale cached llaso-random is rebuilt
 
 # The architectures of openai/whisper-large-v3 and meta-llama/Llama-3.2-3B-Instruct, as their config.json give
@@ -162,7 +161,7 @@ def write_tiny(folder: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=TINY, help=f"where the tiny models go (default {TINY})")
+    parser.add_argument("--out", type=Path, default=M.TINY, help=f"where the tiny models go (default {M.TINY})")
     out = parser.parse_args(argv).out
     shutil.rmtree(out, ignore_errors=True)
     write_tiny(out)
